@@ -1,0 +1,866 @@
+"""quire's HTTP API: a small bookstore on Starlette and msgspec.
+
+api.py is the only module that knows HTTP. It declares the request and response bodies as msgspec
+Structs, the operations (one table, from which both the routes and the OpenAPI document are made),
+the errors as RFC 9457 problem details, the middleware, `create_app()` and the command line.
+SQL lives in store.py; passwords, tokens and permission rules in auth.py.
+
+    python api.py                       serve on http://127.0.0.1:8000 (SQLite in ./quire.db)
+    python api.py create-admin EMAIL NAME    make or promote an admin (password on stdin)
+"""
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import getpass
+import hashlib
+import hmac
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlencode
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+from starlette.applications import Starlette
+from starlette.config import Config
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import auth
+import store as storage
+
+# == Configuration ================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything configurable, one field per environment variable (QUIRE_ + upper-case name)."""
+
+    database_url: str = "sqlite:///quire.db"
+    secret_key: str | None = None
+    token_ttl: int = 3600
+    rate_limit: int = 600
+    auth_rate_limit: int = 10
+    cors_origins: tuple[str, ...] = ()
+    max_body: int = 1024 * 1024
+
+    @classmethod
+    def load(cls, config: Config, overrides: dict[str, Any]) -> "Settings":
+        """Keyword overrides beat the environment (and `.env`), which beats the defaults."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            env_name = "DATABASE_URL" if field.name == "database_url" else f"QUIRE_{field.name.upper()}"
+            value = overrides.get(field.name, config(env_name, default=None))
+            if value is None:
+                continue
+            if field.name == "cors_origins" and isinstance(value, str):
+                value = [origin.strip() for origin in value.split(",") if origin.strip()]
+            values[field.name] = tuple(value) if field.name == "cors_origins" else value
+        try:
+            settings = msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as error:
+            raise ValueError(f"Bad configuration: {error}") from None
+        if settings.secret_key is not None and len(settings.secret_key.encode()) < 32:
+            raise ValueError("QUIRE_SECRET_KEY must be at least 32 bytes; make one with "
+                             "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`.")
+        return settings
+
+
+# == Bodies =======================================================================================
+# Every request body decodes straight into one of these Structs. `forbid_unknown_fields` makes a
+# misspelt or server-owned field (`id`, `owner_id`, `role`, timestamps) an error instead of being
+# silently dropped: nobody can assign what they are not meant to.
+
+
+class RequestBody(Struct, forbid_unknown_fields=True):
+    pass
+
+
+Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"\S",
+                            description="1–200 characters, not only whitespace")]
+Year = Annotated[int, Meta(ge=1, le=2100)]
+Pages = Annotated[int, Meta(ge=1, le=100_000)]
+Isbn = Annotated[str, Meta(max_length=40, examples=["978-0-13-235088-4"],
+                           description="ISBN-13; hyphens and spaces are removed, the check digit is verified")]
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")]
+
+
+class BookIn(RequestBody):
+    """A book as created (POST) or replaced (PUT); a missing optional field becomes null."""
+
+    title: Title
+    author: Title
+    year: Year | None = None
+    pages: Pages | None = None
+    isbn: Isbn | None = None
+
+
+class BookPatch(RequestBody):
+    """A JSON merge patch (RFC 7396): absent fields stay, `null` clears an optional field."""
+
+    title: Title | UnsetType = UNSET
+    author: Title | UnsetType = UNSET
+    year: Year | None | UnsetType = UNSET
+    pages: Pages | None | UnsetType = UNSET
+    isbn: Isbn | None | UnsetType = UNSET
+
+
+class Book(Struct):
+    id: int
+    title: str
+    author: str
+    year: int | None
+    pages: int | None
+    isbn: str | None
+    owner_id: int
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class BookPage(Struct):
+    items: list[Book]
+    next: str | None
+
+
+class UserIn(RequestBody):
+    """Registration; the email is stored lower-case."""
+
+    email: Email
+    name: Annotated[str, Meta(min_length=1, max_length=100)]
+    password: Annotated[str, Meta(min_length=8, max_length=128)]
+
+
+class User(Struct):
+    id: int
+    email: str
+    name: str
+    role: Literal["user", "admin"]
+    created_at: Timestamp
+
+
+class UserPage(Struct):
+    items: list[User]
+    next: str | None
+
+
+class Credentials(RequestBody):
+    email: Annotated[str, Meta(max_length=254)]
+    password: Annotated[str, Meta(max_length=1024)]
+
+
+class Token(Struct):
+    access_token: str
+    expires_in: int
+    token_type: Literal["bearer"] = "bearer"
+
+
+class Status(Struct):
+    status: str
+
+
+class Problem(Struct, omit_defaults=True):
+    """An RFC 9457 problem; `errors` names the bad fields (`pointer`) or query parameters."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, str]] = []
+    request_id: str | None = None
+
+
+# Query strings are checked like bodies: converted into a Struct, unknown parameters refused.
+
+
+class BookQuery(RequestBody):
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    cursor: str | None = None
+    sort: Literal["id", "-id", "title", "-title"] = "id"
+    author: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    q: Annotated[str, Meta(min_length=1, max_length=100)] | None = None
+
+
+class UserQuery(RequestBody):
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    cursor: str | None = None
+    sort: Literal["id", "-id"] = "id"
+
+
+encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+
+# == Errors =======================================================================================
+# Everything that goes wrong becomes an `HTTPProblem`, raised anywhere and answered in one place
+# (`problem_response`) as application/problem+json.
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers or {}
+
+
+TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+          405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
+          413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+          500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def problem_response(status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
+                     headers: dict[str, str] | None = None, request_id: str | None = None) -> Response:
+    problem = Problem(type="about:blank", title=TITLES.get(status, "Error"), status=status, detail=detail,
+                      errors=errors or [], request_id=request_id)
+    return Response(encoder.encode(problem), status, headers, "application/problem+json")
+
+
+def unauthorized(detail: str) -> HTTPProblem:
+    return HTTPProblem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="quire"'})
+
+
+def invalid_body(error: Exception) -> HTTPProblem:
+    """A 400 for a body msgspec refused, with a JSON pointer to the first bad field."""
+    message = str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return HTTPProblem(400, "The body is not valid UTF-8.", errors=[{"pointer": "#", "detail": "invalid UTF-8"}])
+    if isinstance(error, RecursionError):
+        message = "JSON is nested too deeply"
+    path = re.search(r" - at `\$(.*)`$", message)
+    field = re.search(r"(?:missing required|unknown) field `(.+)`", message)
+    if path:
+        message = message[: path.start()]
+        pointer = "#" + re.sub(r"\.|\[(\d+)\]", lambda m: "/" + (m.group(1) or ""), path.group(1))
+    else:
+        pointer = f"#/{field.group(1)}" if field else "#"
+    return HTTPProblem(400, f"{message} ({pointer})", errors=[{"pointer": pointer, "detail": message}])
+
+
+def invalid_parameter(name: str, detail: str) -> HTTPProblem:
+    return HTTPProblem(400, f"Query parameter `{name}`: {detail}", errors=[{"parameter": name, "detail": detail}])
+
+
+async def on_problem(request: Request, error: HTTPProblem) -> Response:
+    return problem_response(error.status, error.detail, errors=error.errors, headers=error.headers)
+
+
+async def on_http_exception(request: Request, error: HTTPException) -> Response:
+    """Starlette's own 404 (no such route) and 405 (method not allowed, with `Allow`)."""
+    detail = {404: f"No route matches {request.url.path}.",
+              405: f"{request.method} is not allowed on {request.url.path}."}.get(error.status_code, error.detail)
+    return problem_response(error.status_code, detail, headers=error.headers)
+
+
+async def on_unavailable(request: Request, error: storage.Unavailable) -> Response:
+    return problem_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
+
+
+async def on_conflict(request: Request, error: storage.Conflict) -> Response:
+    detail = f"That {error.field} is already taken."
+    return problem_response(409, detail, errors=[{"pointer": f"#/{error.field}", "detail": detail}])
+
+
+# == Middleware ===================================================================================
+# Pure ASGI middleware, not BaseHTTPMiddleware: it runs on every request, so it has to be cheap.
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+log = logging.getLogger("quire")
+
+
+def log_json(**fields: Any) -> None:
+    fields = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z", **fields}
+    log.info(encoder.encode(fields).decode())
+
+
+class RequestMiddleware:
+    """The outermost layer of every request.
+
+    Gives it an id (X-Request-ID), adds headers every response carries, refuses bodies over the
+    limit without reading them (413), turns an unexpected exception into a 500 problem that shows
+    no internals, and writes one JSON log line. Paths and statuses are logged; headers and bodies,
+    where passwords and tokens travel, never are.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        route_path = scope["path"][len(scope.get("root_path", "")):]
+        private = route_path.startswith(("/api/v1/users", "/api/v1/auth"))
+        status = 0
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_headers = MutableHeaders(scope=message)
+                response_headers["X-Request-ID"] = request_id
+                response_headers["X-Content-Type-Options"] = "nosniff"
+                if private:
+                    response_headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HTTPProblem(413, f"The body is larger than {self.max_body} bytes.")
+            return message
+
+        try:
+            declared = headers.get(b"content-length", b"0")
+            if declared.isdigit() and int(declared) > self.max_body:
+                response = problem_response(413, f"The body is larger than {self.max_body} bytes.")
+                await response(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive_limited, send_with_headers)
+        except Exception:
+            log_json(request_id=request_id, error=traceback.format_exc())
+            if status:  # the response has begun: all that is left is to drop the connection
+                raise
+            response = problem_response(500, "Something went wrong on our side; the request id says where.",
+                                        request_id=request_id)
+            await response(scope, receive, send_with_headers)
+        finally:
+            log_json(request_id=request_id, method=scope["method"], path=scope["path"], status=status or 500,
+                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+# == Helpers for handlers =========================================================================
+
+
+@dataclasses.dataclass
+class Quire:
+    """One app's state: its settings, its store and its key (read from the store when not set)."""
+
+    settings: Settings
+    store: storage.Store
+    key: bytes | None = None
+
+    async def signing_key(self) -> bytes:
+        if self.key is None:
+            self.key = (self.settings.secret_key or await self.store.secret_key()).encode()
+        return self.key
+
+
+def quire(request: Request) -> Quire:
+    return request.app.state.quire
+
+
+def app_path(request: Request, path: str) -> str:
+    """A URL path for this app, with the prefix it is mounted under (or served behind)."""
+    return request.scope.get("root_path", "") + path
+
+
+async def read_json(request: Request, *media_types: str) -> bytes:
+    """The raw body, after checking its media type (415); too large a body stops reading (413)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    accepted = media_types or (JSON,)
+    if media_type not in accepted:
+        raise HTTPProblem(415, f"Send the body as {' or '.join(accepted)}, not {media_type or 'nothing'}.")
+    return body
+
+
+def decode(body: bytes, type_: type[T]) -> T:
+    """The body as a Struct, or a 400 naming the first bad field; NUL characters are refused too,
+    because PostgreSQL cannot store them."""
+    try:
+        value = msgspec.json.decode(body, type=type_)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise invalid_body(error) from None
+    for name in value.__struct_fields__:
+        if isinstance(text := getattr(value, name), str) and "\x00" in text:
+            detail = "Expected a string without NUL characters"
+            raise HTTPProblem(400, f"{detail} (#/{name})", errors=[{"pointer": f"#/{name}", "detail": detail}])
+    return value
+
+
+def parse_query(request: Request, type_: type[T]) -> T:
+    """The query string as a Struct; a 400 names the first bad, unknown or repeated parameter."""
+    items = request.query_params.multi_items()
+    seen: set[str] = set()
+    for name, _ in items:
+        if name in seen:
+            raise invalid_parameter(name, "Give this parameter once.")
+        seen.add(name)
+    try:
+        return msgspec.convert(dict(items), type_, strict=False)
+    except msgspec.ValidationError as error:
+        message = str(error)
+        name = re.search(r"`\$\.(\w+)`|field `(.+)`", message)
+        name = (name.group(1) or name.group(2)) if name else "query"
+        raise invalid_parameter(name, re.sub(r" - at `.*`$", "", message)) from None
+
+
+def path_id(request: Request) -> int:
+    """The `{id}` in the path; an id no row can have (0, or past 64 bits) is simply not found."""
+    value = request.path_params["id"]
+    if not 0 < value < 2**63:
+        raise HTTPProblem(404, f"There is no resource with id {value}.")
+    return value
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(value), status, headers, JSON)
+
+
+async def signed_in(request: Request) -> storage.Row:
+    """The caller, from `Authorization: Bearer`; 401 for no token or one that is bad, expired,
+    revoked, or whose user is gone. The user's role is read now, so a promotion counts at once."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized("Sign in: send `Authorization: Bearer <token>` from POST /api/v1/auth/token.")
+    app = quire(request)
+    try:
+        claims = auth.read_token(token.strip(), await app.signing_key())
+        user_id = int(claims["sub"])
+    except (auth.InvalidToken, ValueError) as error:
+        raise unauthorized(f"The token was refused: {error}.") from None
+    user = await app.store.get_token_user(user_id, claims["jti"])
+    if user is None:
+        raise unauthorized("The token was revoked, or its user no longer exists.")
+    request.state.claims = claims
+    return user
+
+
+# -- cursors: a page's position, signed so that a client cannot forge one -------------------------
+
+
+def make_cursor(key: bytes, query: Struct, position: list) -> str:
+    payload = encoder.encode({"sort": query.sort, "filters": cursor_filters(query), "after": position})
+    signature = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
+    return base64.urlsafe_b64encode(payload + signature).decode().rstrip("=")
+
+
+def cursor_filters(query: Struct) -> list:
+    return [getattr(query, "author", None), getattr(query, "q", None)]
+
+
+def read_cursor(key: bytes, query: Struct) -> list | None:
+    """The position a cursor records, or a 400 when it is garbage, forged, or made for another
+    sort or other filters than this request's."""
+    if query.cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(query.cursor + "=" * (-len(query.cursor) % 4))
+        payload, signature = raw[:-12], raw[-12:]
+        expected = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
+        if not hmac.compare_digest(signature, expected):
+            raise ValueError
+        state = msgspec.json.decode(payload)
+    except (ValueError, msgspec.DecodeError):
+        raise invalid_parameter("cursor", "This cursor is not one this API made; use `next` as given.") from None
+    if state["sort"] != query.sort or state["filters"] != cursor_filters(query):
+        raise invalid_parameter("cursor", "This cursor belongs to another sort or other filters.")
+    return state["after"]
+
+
+def page(request: Request, query: Struct, items: list, cursor: str | None) -> tuple[str | None, dict[str, str]]:
+    """The `next` URL (same parameters, new cursor) and the matching `Link` header."""
+    if cursor is None:
+        return None, {}
+    params = {name: getattr(query, name) for name in query.__struct_fields__
+              if name != "cursor" and (name == "limit" or name in request.query_params)}
+    url = app_path(request, request.url.path[len(request.scope.get("root_path", "")):]) + "?" + urlencode(
+        {**params, "cursor": cursor})
+    return url, {"Link": f'<{url}>; rel="next"'}
+
+
+# -- conditional requests ------------------------------------------------------------------------
+
+
+def etag(book: storage.Row) -> str:
+    """Strong, and new on every write: the row's version goes up by one with each."""
+    return f'"{book["id"]}.{book["version"]}"'
+
+
+def etag_matches(header: str, current: str, *, weak: bool) -> bool:
+    """RFC 9110 list matching: `*` or any listed tag. Weak comparison ignores `W/`."""
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag == current or (weak and tag.removeprefix("W/") == current):
+            return True
+    return False
+
+
+# == Users and tokens =============================================================================
+
+
+async def register(request: Request) -> Response:
+    """Create an account; the response's Location is the new user."""
+    credentials = decode(await read_json(request), UserIn)
+    password_hash = await auth.hash_password(credentials.password)
+    user = await quire(request).store.create_user(
+        email=credentials.email.lower(), name=credentials.name, password_hash=password_hash)
+    location = app_path(request, f"/api/v1/users/{user['id']}")
+    return json_response(msgspec.convert(user, User), 201, {"Location": location})
+
+
+async def issue_token(request: Request) -> Response:
+    """Exchange email and password for a bearer token; a wrong email or password is the same 401."""
+    credentials = decode(await read_json(request), Credentials)
+    app = quire(request)
+    user = await app.store.get_login(credentials.email.lower())
+    if not await auth.verify_password(user and user["password_hash"], credentials.password):
+        raise unauthorized("The email or the password is wrong.")
+    token, _ = auth.make_token(user["id"], await app.signing_key(), app.settings.token_ttl)
+    return json_response(Token(access_token=token, expires_in=app.settings.token_ttl))
+
+
+async def logout(request: Request) -> Response:
+    """Revoke the token this request carries, for every worker sharing the database."""
+    await signed_in(request)
+    claims = request.state.claims
+    await quire(request).store.revoke_token(claims["jti"], int(claims["exp"]) + auth.LEEWAY_SECONDS)
+    return Response(status_code=204)
+
+
+async def me(request: Request) -> Response:
+    """The signed-in user."""
+    return json_response(msgspec.convert(await signed_in(request), User))
+
+
+async def get_user(request: Request) -> Response:
+    """One user: yourself, or anyone if you are an admin. Others get 403 whether the id exists or
+    not, so that ids cannot be probed."""
+    viewer = await signed_in(request)
+    user_id = request.path_params["id"]
+    if not auth.can_see_user(viewer, user_id):
+        raise HTTPProblem(403, "You may only see your own account.")
+    user = await quire(request).store.get_user(path_id(request))
+    if user is None:
+        raise HTTPProblem(404, f"There is no user with id {user_id}.")
+    return json_response(msgspec.convert(user, User))
+
+
+async def list_users(request: Request) -> Response:
+    """A page of users, for admins; keyset pagination by id."""
+    viewer = await signed_in(request)
+    if not auth.is_admin(viewer):
+        raise HTTPProblem(403, "Only admins may list users.")
+    query = parse_query(request, UserQuery)
+    app = quire(request)
+    key = await app.signing_key()
+    after = read_cursor(key, query)
+    rows = await app.store.list_users(limit=query.limit + 1, descending=query.sort == "-id",
+                                      after=after[0] if after else None)
+    items = rows[: query.limit]
+    cursor = make_cursor(key, query, [items[-1]["id"]]) if len(rows) > query.limit else None
+    next_url, headers = page(request, query, items, cursor)
+    return json_response(UserPage(items=msgspec.convert(items, list[User]), next=next_url), headers=headers)
+
+
+# == Books ========================================================================================
+
+
+def normalise_isbn(fields: dict[str, Any]) -> dict[str, Any]:
+    """Remove hyphens and spaces from `isbn` and check it is an ISBN-13 (400 if not)."""
+    if fields.get("isbn") is None:
+        return fields
+    isbn = re.sub(r"[-\s]", "", fields["isbn"])
+    digits = [int(c) for c in isbn] if isbn.isascii() and isbn.isdigit() else []
+    if len(digits) != 13:
+        detail = "Expected an ISBN-13: 13 digits, hyphens and spaces allowed"
+    elif sum(d * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10:
+        detail = "The ISBN-13's check digit is wrong"
+    else:
+        return {**fields, "isbn": isbn}
+    raise HTTPProblem(400, f"{detail} (#/isbn)", errors=[{"pointer": "#/isbn", "detail": detail}])
+
+
+def book_response(book: storage.Row, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return json_response(msgspec.convert(book, Book), status, {"ETag": etag(book), **(headers or {})})
+
+
+async def changeable_book(request: Request) -> tuple[storage.Row, storage.Row]:
+    """The signed-in caller and the book in the path, if the caller may change it.
+
+    :raise 401: no valid token.  :raise 404: no such book.  :raise 403: not the owner nor an admin.
+    """
+    user = await signed_in(request)
+    book = await quire(request).store.get_book(path_id(request))
+    if book is None:
+        raise HTTPProblem(404, f"There is no book with id {request.path_params['id']}.")
+    if not auth.can_change_book(user, book):
+        raise HTTPProblem(403, "Only the book's owner or an admin may change it.")
+    return user, book
+
+
+def expected_version(request: Request, book: storage.Row) -> int | None:
+    """The version a write must find (compare-and-set), if the client sent If-Match; 412 when
+    the book has already moved on."""
+    header = request.headers.get("if-match")
+    if header is None:
+        return None
+    if not etag_matches(header, etag(book), weak=False):
+        raise HTTPProblem(412, f"The book has changed: its ETag is now {etag(book)}.")
+    return book["version"]
+
+
+async def list_books(request: Request) -> Response:
+    """A page of books: filter with `author` or `q`, order with `sort`, continue with `next`."""
+    query = parse_query(request, BookQuery)
+    app = quire(request)
+    key = await app.signing_key()
+    after = read_cursor(key, query)
+    if after is not None and (len(after) != 2 or not isinstance(after[1], int)):
+        raise invalid_parameter("cursor", "This cursor is damaged.")
+    rows = await app.store.list_books(limit=query.limit + 1, sort=query.sort, author=query.author,
+                                      q=query.q, after=tuple(after) if after else None)
+    items = rows[: query.limit]
+    cursor = None
+    if len(rows) > query.limit:
+        cursor = make_cursor(key, query, [items[-1]["title"], items[-1]["id"]])
+    next_url, headers = page(request, query, items, cursor)
+    return json_response(BookPage(items=msgspec.convert(items, list[Book]), next=next_url), headers=headers)
+
+
+async def create_book(request: Request) -> Response:
+    """Add a book; you become its owner."""
+    body = await read_json(request)
+    user = await signed_in(request)
+    fields = normalise_isbn(msgspec.structs.asdict(decode(body, BookIn)))
+    book = await quire(request).store.create_book(owner_id=user["id"], fields=fields)
+    return book_response(book, 201, {"Location": app_path(request, f"/api/v1/books/{book['id']}")})
+
+
+async def get_book(request: Request) -> Response:
+    """One book, with its ETag; send If-None-Match to get 304 when it has not changed."""
+    book = await quire(request).store.get_book(path_id(request))
+    if book is None:
+        raise HTTPProblem(404, f"There is no book with id {request.path_params['id']}.")
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and etag_matches(if_none_match, etag(book), weak=True):
+        return Response(status_code=304, headers={"ETag": etag(book)})
+    return book_response(book)
+
+
+async def write_book(request: Request, body: bytes, type_: type[Struct]) -> Response:
+    """PUT and PATCH: decode, then one conditional UPDATE; 412 if someone else wrote first."""
+    _, book = await changeable_book(request)
+    changes = decode(body, type_)
+    fields = {name: value for name, value in msgspec.structs.asdict(changes).items() if value is not UNSET}
+    version = expected_version(request, book)
+    updated = await quire(request).store.update_book(book["id"], normalise_isbn(fields), version=version)
+    if updated is None:
+        raise await lost_race(request, book["id"])
+    return book_response(updated)
+
+
+async def lost_race(request: Request, book_id: int) -> HTTPProblem:
+    """Why a conditional write matched no row: the book is gone (404) or has changed (412)."""
+    if await quire(request).store.get_book(book_id) is None:
+        return HTTPProblem(404, f"There is no book with id {book_id}.")
+    return HTTPProblem(412, "The book changed while this request was in flight; fetch it again.")
+
+
+async def replace_book(request: Request) -> Response:
+    """Replace every client field of a book (owner or admin); missing optional fields become null."""
+    return await write_book(request, await read_json(request), BookIn)
+
+
+async def patch_book(request: Request) -> Response:
+    """Change some fields (owner or admin): a JSON merge patch, `null` clears an optional field."""
+    return await write_book(request, await read_json(request, JSON, MERGE_PATCH), BookPatch)
+
+
+async def delete_book(request: Request) -> Response:
+    """Delete a book (owner or admin); its id is never used again."""
+    _, book = await changeable_book(request)
+    version = expected_version(request, book)
+    if not await quire(request).store.delete_book(book["id"], version=version):
+        raise await lost_race(request, book["id"])
+    return Response(status_code=204)
+
+
+# == Operations ===================================================================================
+
+
+async def healthz(request: Request) -> Response:
+    """The process is up; the database is not consulted."""
+    return json_response(Status(status="ok"))
+
+
+async def readyz(request: Request) -> Response:
+    """The database answers a query (503 while it does not)."""
+    await quire(request).store.ping()
+    return json_response(Status(status="ready"))
+
+
+# == The route table ==============================================================================
+# One row per operation. The routes and the OpenAPI document are both made from this table, so a
+# new operation is written down exactly once.
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    handler: Callable[[Request], Awaitable[Response]]
+    tag: str
+    ok: tuple[int, Any]  # the success status and the type of its body (None: no body)
+    body: Any = None
+    query: Any = None
+    errors: tuple[int, ...] = ()
+    signed_in: bool = False
+
+
+OPERATIONS = [
+    Operation("GET", "/healthz", healthz, "operations", (200, Status)),
+    Operation("GET", "/readyz", readyz, "operations", (200, Status)),
+    Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 409, 413, 415)),
+    Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
+              errors=(400, 401, 403), signed_in=True),
+    Operation("GET", "/api/v1/users/me", me, "users", (200, User), errors=(401,), signed_in=True),
+    Operation("GET", "/api/v1/users/{id:int}", get_user, "users", (200, User),
+              errors=(401, 403, 404), signed_in=True),
+    Operation("POST", "/api/v1/auth/token", issue_token, "auth", (200, Token), Credentials,
+              errors=(400, 401, 413, 415)),
+    Operation("POST", "/api/v1/auth/logout", logout, "auth", (204, None), errors=(401,), signed_in=True),
+    Operation("GET", "/api/v1/books", list_books, "books", (200, BookPage), query=BookQuery, errors=(400,)),
+    Operation("POST", "/api/v1/books", create_book, "books", (201, Book), BookIn,
+              errors=(400, 401, 409, 413, 415), signed_in=True),
+    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 404)),
+    Operation("PUT", "/api/v1/books/{id:int}", replace_book, "books", (200, Book), BookIn,
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True),
+    Operation("PATCH", "/api/v1/books/{id:int}", patch_book, "books", (200, Book), BookPatch,
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True),
+    Operation("DELETE", "/api/v1/books/{id:int}", delete_book, "books", (204, None),
+              errors=(401, 403, 404, 412), signed_in=True),
+]
+
+
+def routes(operations: list[Operation]) -> list[Route]:
+    """One Route per path, carrying all of its methods, so that a 405 lists them all in `Allow`."""
+    by_path: dict[str, dict[str, Callable]] = {}
+    for operation in operations:
+        by_path.setdefault(operation.path, {})[operation.method] = operation.handler
+
+    def dispatch(handlers: dict[str, Callable]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await handlers["GET" if request.method == "HEAD" else request.method](request)
+        return endpoint
+
+    return [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
+
+
+# == The app ======================================================================================
+
+
+def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
+    """A quire app. Keywords (`database_url`, `secret_key`, `token_ttl`, `rate_limit`,
+    `auth_rate_limit`, `cors_origins`, `max_body`) beat the environment and `.env`.
+
+    Nothing connects here: the store connects on the first request that needs it, so the app
+    also works mounted in a parent app that does not run this app's lifespan.
+    """
+    unknown = set(overrides) - {field.name for field in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"create_app() got unknown settings: {', '.join(sorted(unknown))}")
+    if config is None:
+        config = Config(".env") if os.path.exists(".env") else Config()
+    settings = Settings.load(config, overrides)
+    store = storage.Store(settings.database_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        # Connecting early is only a head start: if the database is down, the app serves 503s and
+        # connects later by itself.
+        with contextlib.suppress(storage.Unavailable):
+            await store.connect()
+        yield
+        await store.disconnect()
+
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+    app = Starlette(
+        routes=routes(OPERATIONS),
+        middleware=[Middleware(RequestMiddleware, max_body=settings.max_body)],
+        exception_handlers={HTTPProblem: on_problem, HTTPException: on_http_exception,
+                            storage.Unavailable: on_unavailable, storage.Conflict: on_conflict},
+        lifespan=lifespan,
+    )
+    app.state.quire = Quire(settings, store)
+    return app
+
+
+# == Command line =================================================================================
+
+
+def read_password() -> str:
+    """From the terminal without echo, or one plain line when stdin is piped."""
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+async def create_admin(store: storage.Store, email: str, name: str, password: str) -> int:
+    """Create an admin, or promote the existing user with that email (password unchanged)."""
+    try:
+        await store.connect()
+        user = await store.promote_user(email.lower())
+        if user is None:
+            password_hash = await auth.hash_password(password)
+            user = await store.create_user(email=email.lower(), name=name, password_hash=password_hash, role="admin")
+        return user["id"]
+    finally:
+        await store.disconnect()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["create-admin"] and len(argv) == 3:
+        app = create_app()
+        password = read_password()
+        try:
+            decode(encoder.encode({"email": argv[1], "name": argv[2], "password": password}), UserIn)
+        except HTTPProblem as problem:
+            print(f"create-admin: {problem.detail}", file=sys.stderr)
+            return 2
+        print(asyncio.run(create_admin(app.state.quire.store, argv[1], argv[2], password)))
+        return 0
+    if argv:
+        print("usage: python api.py [create-admin EMAIL NAME]", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run("api:app", host="127.0.0.1", port=8000, access_log=False)
+    return 0
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

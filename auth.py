@@ -1,0 +1,177 @@
+"""Passwords, tokens and permissions, with the standard library alone.
+
+auth.py knows nothing about HTTP or SQL. It hashes and checks passwords (scrypt, in a small
+thread pool so that the event loop never waits for one), makes and verifies HS256 JSON Web
+Tokens, and holds the permission rules as named functions. Its failures are `InvalidToken`
+(for api.py to answer 401) or a False from a check; it never raises anything else on bad input.
+"""
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import functools
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+from typing import Any
+
+# -- passwords -----------------------------------------------------------------------------------
+
+# OWASP's scrypt parameters (N=2**14, r=8, p=5): 16 MiB and some 50 ms of one core per hash.
+# The stored form names its scheme and parameters, so raising them later needs no migration:
+# old hashes still verify with the parameters they were made with.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 5
+# Two hashes at a time at most: bounds their memory (2 x 16 MiB) and leaves a core for requests.
+_hashing = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=2 * 128 * r * n, dklen=32)
+
+
+def make_password_hash(password: str) -> str:
+    """`scrypt$n,r,p$salt$hash`, salt and hash in base64url; a fresh random salt every time."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${SCRYPT_N},{SCRYPT_R},{SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
+
+
+def check_password_hash(stored: str, password: str) -> bool:
+    """True when `password` matches; False for a wrong password or a hash it cannot read."""
+    try:
+        scheme, params, salt, digest = stored.split("$")
+        n, r, p = (int(value) for value in params.split(","))
+        if scheme != "scrypt":
+            return False
+        return hmac.compare_digest(_scrypt(password, _b64decode(salt), n, r, p), _b64decode(digest))
+    except (ValueError, binascii.Error):
+        return False
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when the email is unknown, so that such a login costs what a wrong password costs
+    and response times do not tell which emails are registered. Made on first use, not at import."""
+    return make_password_hash(secrets.token_urlsafe(16))
+
+
+async def hash_password(password: str) -> str:
+    return await asyncio.get_running_loop().run_in_executor(_hashing, make_password_hash, password)
+
+
+async def verify_password(stored: str | None, password: str) -> bool:
+    """Check `password` against `stored`, or against a dummy hash when there is no user."""
+    loop = asyncio.get_running_loop()
+    matches = await loop.run_in_executor(_hashing, check_password_hash, stored or _dummy_hash(), password)
+    return matches and stored is not None
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+MAX_TOKEN_BYTES = 8192
+LEEWAY_SECONDS = 30  # clocks of several hosts disagree a little; never more than this
+_HEADER = {"alg": "HS256", "typ": "JWT"}
+
+
+class InvalidToken(Exception):
+    """The token is malformed, forged, expired or otherwise unusable; the message says which."""
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64url without padding; raises ValueError for anything else."""
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # Decoding ignores stray bits in the last character: "AB" and "AC" both decode to b"\x00".
+    # Re-encoding tells canonical input from such a variant, which would be a malleable token.
+    if _b64encode(data) != text:
+        raise ValueError("non-canonical base64url")
+    return data
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    value = json.loads(data, object_pairs_hook=refuse_duplicates)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _sign(signing_input: bytes, key: bytes) -> bytes:
+    return hmac.new(key, signing_input, hashlib.sha256).digest()
+
+
+def make_token(user_id: int, key: bytes, ttl: int) -> tuple[str, dict[str, Any]]:
+    """A signed token for the user, valid `ttl` seconds, and its claims."""
+    now = int(time.time())
+    claims = {"sub": str(user_id), "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
+    header = _b64encode(json.dumps(_HEADER, separators=(",", ":")).encode())
+    payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
+    signature = _sign(f"{header}.{payload}".encode(), key)
+    return f"{header}.{payload}.{_b64encode(signature)}", claims
+
+
+def read_token(token: str, key: bytes, *, now: float | None = None) -> dict[str, Any]:
+    """The claims of a valid token; raises `InvalidToken` on anything else, whatever the input.
+
+    Refused: over 8 KB, not three base64url parts, a header other than HS256 (`none` included) or
+    with `crit`, a bad signature, duplicate JSON keys, a missing or non-numeric `exp`, expiry
+    beyond the leeway, and `sub` or `jti` that are not strings.
+    """
+    try:
+        return _read_token(token, key, time.time() if now is None else now)
+    except InvalidToken:
+        raise
+    except Exception as error:  # a verifier must not leak a stray exception on hostile input
+        raise InvalidToken("the token is malformed") from error
+
+
+def _read_token(token: str, key: bytes, now: float) -> dict[str, Any]:
+    if len(token) > MAX_TOKEN_BYTES or not token.isascii():
+        raise InvalidToken("the token is too long or not ASCII")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidToken("the token does not have three parts")
+    header = _json_object(_b64decode(parts[0]))
+    if header.get("alg") != "HS256" or "crit" in header:
+        raise InvalidToken("the token is not signed with HS256")
+    expected = _sign(f"{parts[0]}.{parts[1]}".encode(), key)
+    if not hmac.compare_digest(expected, _b64decode(parts[2])):
+        raise InvalidToken("the token's signature does not match")
+    claims = _json_object(_b64decode(parts[1]))
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise InvalidToken("the token has no numeric expiry")
+    if now > exp + LEEWAY_SECONDS:
+        raise InvalidToken("the token has expired")
+    if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("jti"), str):
+        raise InvalidToken("the token lacks a subject or an id")
+    return claims
+
+
+# -- permissions ---------------------------------------------------------------------------------
+# Users are the store's rows: dicts with at least `id` and `role`.
+
+def is_admin(user: dict[str, Any]) -> bool:
+    return user["role"] == "admin"
+
+
+def can_change_book(user: dict[str, Any], book: dict[str, Any]) -> bool:
+    """The owner of a book and admins may replace, patch or delete it."""
+    return book["owner_id"] == user["id"] or is_admin(user)
+
+
+def can_see_user(viewer: dict[str, Any], user_id: int) -> bool:
+    """Users see themselves; admins see everyone."""
+    return viewer["id"] == user_id or is_admin(viewer)
