@@ -11,13 +11,17 @@ SQL lives in store.py; passwords, tokens and permission rules in auth.py.
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
+import functools
 import datetime
 import getpass
 import hashlib
 import hmac
+import html
 import logging
+import math
 import os
 import re
 import sys
@@ -25,10 +29,12 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, TypeVar
+from http import HTTPStatus
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
+import openapi_ui_bundles
 from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -36,8 +42,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import auth
@@ -103,6 +111,9 @@ Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s.]+(\.[^@\s.
 class BookIn(RequestBody):
     """A book as created (POST) or replaced (PUT); a missing optional field becomes null."""
 
+    example: ClassVar[dict] = {"title": "Clean Code", "author": "Robert C. Martin", "year": 2008,
+                               "pages": 464, "isbn": "978-0-13-235088-4"}
+
     title: Title
     author: Title
     year: Year | None = None
@@ -112,6 +123,8 @@ class BookIn(RequestBody):
 
 class BookPatch(RequestBody):
     """A JSON merge patch (RFC 7396): absent fields stay, `null` clears an optional field."""
+
+    example: ClassVar[dict] = {"pages": 431, "isbn": None}
 
     title: Title | UnsetType = UNSET
     author: Title | UnsetType = UNSET
@@ -140,6 +153,8 @@ class BookPage(Struct):
 class UserIn(RequestBody):
     """Registration; the email is stored lower-case."""
 
+    example: ClassVar[dict] = {"email": "ada@example.com", "name": "Ada", "password": "correct horse"}
+
     email: Email
     name: Annotated[str, Meta(min_length=1, max_length=100)]
     password: Annotated[str, Meta(min_length=8, max_length=128)]
@@ -159,6 +174,8 @@ class UserPage(Struct):
 
 
 class Credentials(RequestBody):
+    example: ClassVar[dict] = {"email": "ada@example.com", "password": "correct horse"}
+
     email: Annotated[str, Meta(max_length=254)]
     password: Annotated[str, Meta(max_length=1024)]
 
@@ -353,6 +370,62 @@ class RequestMiddleware:
                      duration_ms=round((time.perf_counter() - started) * 1000, 3))
 
 
+class TokenBuckets:
+    """Per-client token buckets: `per_minute` requests a minute, in bursts of up to that many.
+
+    Memory is bounded: past `max_clients` the least recently seen client is forgotten (and
+    starts again with a full bucket), so a flood of distinct addresses cannot grow it.
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+        self.capacity, self.rate, self.max_clients = per_minute, per_minute / 60, max_clients
+        self.buckets: collections.OrderedDict[Any, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, client: Any, now: float) -> float:
+        """Spend one token; 0 when allowed, else the seconds until a token is back."""
+        tokens, last = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        self.buckets[client] = (tokens, now)  # (re)inserted last: the most recently seen
+        if len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        return 0.0 if allowed else (1 - tokens) / self.rate
+
+
+# Requests that never count: probes and the docs.
+UNCOUNTED = ("/healthz", "/readyz", "/openapi.json", "/docs")
+STRICT = {("POST", "/api/v1/auth/token"), ("POST", "/api/v1/users")}
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After once a client (its address as the server reports it) has used its
+    share: the general limit on every counted request, and a stricter one per route on signing
+    in and registering, where guessing passwords or mass sign-ups would happen. Per process."""
+
+    def __init__(self, app: ASGIApp, *, per_minute: int, auth_per_minute: int) -> None:
+        self.app = app
+        self.general = TokenBuckets(per_minute)
+        self.strict = TokenBuckets(auth_per_minute)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route_path = scope["path"][len(scope.get("root_path", "")):]
+        if not route_path.startswith(UNCOUNTED):
+            client = scope["client"][0] if scope.get("client") else None
+            now = time.monotonic()
+            wait = self.general.take(client, now)
+            if (scope["method"], route_path) in STRICT:
+                wait = max(wait, self.strict.take((route_path, client), now))
+            if wait:
+                response = problem_response(429, "Too many requests; slow down and retry after the given seconds.",
+                                            headers={"Retry-After": str(math.ceil(wait))})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 # == Helpers for handlers =========================================================================
 
 
@@ -455,7 +528,8 @@ async def signed_in(request: Request) -> storage.Row:
 
 
 def make_cursor(key: bytes, query: Struct, position: list) -> str:
-    payload = encoder.encode({"sort": query.sort, "filters": cursor_filters(query), "after": position})
+    payload = encoder.encode({"list": type(query).__name__, "sort": query.sort,
+                              "filters": cursor_filters(query), "after": position})
     signature = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
     return base64.urlsafe_b64encode(payload + signature).decode().rstrip("=")
 
@@ -464,9 +538,9 @@ def cursor_filters(query: Struct) -> list:
     return [getattr(query, "author", None), getattr(query, "q", None)]
 
 
-def read_cursor(key: bytes, query: Struct) -> list | None:
+def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | None:
     """The position a cursor records, or a 400 when it is garbage, forged, or made for another
-    sort or other filters than this request's."""
+    list, sort or filters than this request's. `shape` is the position's types, e.g. (str, int)."""
     if query.cursor is None:
         return None
     try:
@@ -478,9 +552,13 @@ def read_cursor(key: bytes, query: Struct) -> list | None:
         state = msgspec.json.decode(payload)
     except (ValueError, msgspec.DecodeError):
         raise invalid_parameter("cursor", "This cursor is not one this API made; use `next` as given.") from None
-    if state["sort"] != query.sort or state["filters"] != cursor_filters(query):
-        raise invalid_parameter("cursor", "This cursor belongs to another sort or other filters.")
-    return state["after"]
+    if (state.get("list"), state.get("sort"), state.get("filters")) != (
+            type(query).__name__, query.sort, cursor_filters(query)):
+        raise invalid_parameter("cursor", "This cursor belongs to another list, sort or filters.")
+    after = state.get("after")
+    if not isinstance(after, list) or [type(value) for value in after] != list(shape):
+        raise invalid_parameter("cursor", "This cursor is damaged.")
+    return after
 
 
 def page(request: Request, query: Struct, items: list, cursor: str | None) -> tuple[str | None, dict[str, str]]:
@@ -569,7 +647,7 @@ async def list_users(request: Request) -> Response:
     query = parse_query(request, UserQuery)
     app = quire(request)
     key = await app.signing_key()
-    after = read_cursor(key, query)
+    after = read_cursor(key, query, (int,))
     rows = await app.store.list_users(limit=query.limit + 1, descending=query.sort == "-id",
                                       after=after[0] if after else None)
     items = rows[: query.limit]
@@ -630,9 +708,7 @@ async def list_books(request: Request) -> Response:
     query = parse_query(request, BookQuery)
     app = quire(request)
     key = await app.signing_key()
-    after = read_cursor(key, query)
-    if after is not None and (len(after) != 2 or not isinstance(after[1], int)):
-        raise invalid_parameter("cursor", "This cursor is damaged.")
+    after = read_cursor(key, query, (str, int))
     rows = await app.store.list_books(limit=query.limit + 1, sort=query.sort, author=query.author,
                                       q=query.q, after=tuple(after) if after else None)
     items = rows[: query.limit]
@@ -715,6 +791,40 @@ async def readyz(request: Request) -> Response:
     return json_response(Status(status="ready"))
 
 
+# == Docs =========================================================================================
+# Swagger UI's files come from the openapi-ui-bundles package and are served by the app itself,
+# so /docs works without internet. The page runs no inline script, which lets its
+# Content-Security-Policy allow scripts from this origin only.
+
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>quire API</title>
+<link rel="stylesheet" href="{root}/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui" data-spec-url="{root}/openapi.json"></div>
+<script src="{root}/docs/assets/swagger-ui-bundle.js"></script>
+<script src="{root}/docs/init.js"></script></body></html>
+"""
+DOCS_SCRIPT = """const element = document.getElementById("swagger-ui");
+window.ui = SwaggerUIBundle({url: element.dataset.specUrl, dom_id: "#swagger-ui", deepLinking: true});
+"""
+DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+async def openapi(request: Request) -> Response:
+    """This API's OpenAPI 3.1 document; its server URL carries any mount prefix."""
+    return Response(openapi_document(request.scope.get("root_path", "")), media_type=JSON)
+
+
+async def docs(request: Request) -> Response:
+    """Swagger UI for this API, served from the app (no CDN)."""
+    page_html = DOCS_PAGE.format(root=html.escape(request.scope.get("root_path", "")))
+    return HTMLResponse(page_html, headers={"Content-Security-Policy": DOCS_POLICY})
+
+
+async def docs_script(request: Request) -> Response:
+    return Response(DOCS_SCRIPT, media_type="text/javascript")
+
+
 # == The route table ==============================================================================
 # One row per operation. The routes and the OpenAPI document are both made from this table, so a
 # new operation is written down exactly once.
@@ -756,6 +866,103 @@ OPERATIONS = [
     Operation("DELETE", "/api/v1/books/{id:int}", delete_book, "books", (204, None),
               errors=(401, 403, 404, 412), signed_in=True),
 ]
+
+
+OPERATIONS += [
+    Operation("GET", "/openapi.json", openapi, "docs", (200, None)),
+    Operation("GET", "/docs", docs, "docs", (200, None)),
+]
+
+# == The OpenAPI document =========================================================================
+# Made from OPERATIONS, the Structs (via msgspec's JSON Schema) and the handlers' docstrings.
+
+
+def ref(type_: Any) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{type_.__name__}"}
+
+
+def problem_content() -> dict[str, Any]:
+    return {"application/problem+json": {"schema": ref(Problem)}}
+
+
+def describe_responses(operation: Operation) -> dict[str, Any]:
+    status, type_ = operation.ok
+    success: dict[str, Any] = {"description": HTTPStatus(status).phrase}
+    if type_ is not None:
+        success["content"] = {JSON: {"schema": ref(type_)}}
+    headers = {}
+    if status == 201:
+        headers["Location"] = {"description": "The new resource's URL", "schema": {"type": "string"}}
+    if type_ is Book:
+        headers["ETag"] = {"description": "Strong; changes on every write", "schema": {"type": "string"}}
+    if type_ in (BookPage, UserPage):
+        headers["Link"] = {"description": 'The next page, `<url>; rel="next"`', "schema": {"type": "string"}}
+    if headers:
+        success["headers"] = headers
+    responses = {str(status): success}
+    counted = operation.path.startswith("/api/")
+    for error in sorted({*operation.errors, *((429, 500, 503) if counted else ())}):
+        responses[str(error)] = ({"description": "Not Modified: your copy is current"} if error == 304 else
+                                 {"description": HTTPStatus(error).phrase, "content": problem_content()})
+    return responses
+
+
+def describe_parameters(operation: Operation, path: str) -> list[dict[str, Any]]:
+    parameters = []
+    if "{id}" in path:
+        parameters.append({"name": "id", "in": "path", "required": True,
+                           "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}})
+    if operation.query is not None:
+        (_,), components = msgspec.json.schema_components([operation.query])
+        schema = components[operation.query.__name__]
+        for name, property_schema in schema["properties"].items():
+            # An absent parameter is the Struct's None; a client cannot send null in a query string.
+            options = [option for option in property_schema.get("anyOf", []) if option != {"type": "null"}]
+            if options:
+                property_schema = options[0]
+            parameters.append({"name": name, "in": "query", "required": False, "schema": property_schema})
+    if operation.handler is get_book:
+        parameters.append({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}})
+    if operation.method in ("PUT", "PATCH", "DELETE"):
+        parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"},
+                           "description": "Only write if the book still has this ETag (else 412)"})
+    return parameters
+
+
+@functools.cache
+def openapi_document(root_path: str) -> bytes:
+    """The OpenAPI 3.1 document, for an app served under `root_path` (made once per prefix)."""
+    types = {Problem} | {t for op in OPERATIONS for t in (op.ok[1], op.body) if t is not None}
+    _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
+                                                ref_template="#/components/schemas/{name}")
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in OPERATIONS:
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", operation.path)
+        summary, _, description = (operation.handler.__doc__ or "").partition("\n")
+        spec: dict[str, Any] = {
+            "operationId": operation.handler.__name__, "tags": [operation.tag],
+            "summary": summary.strip(), "description": " ".join(description.split()),
+            "parameters": describe_parameters(operation, path),
+            "responses": describe_responses(operation)}
+        if operation.body is not None:
+            media_types = (JSON, MERGE_PATCH) if operation.method == "PATCH" else (JSON,)
+            spec["requestBody"] = {"required": True, "content": {
+                media_type: {"schema": ref(operation.body), "example": operation.body.example}
+                for media_type in media_types}}
+        if operation.signed_in:
+            spec["security"] = [{"bearer": []}]
+        paths.setdefault(path, {})[operation.method.lower()] = spec
+    return encoder.encode({
+        "openapi": "3.1.0",
+        "info": {"title": "quire", "version": "1.0.0",
+                 "description": "A small bookstore API. Sign in with POST /api/v1/auth/token, "
+                                "then press Authorize and paste the access_token."},
+        "servers": [{"url": root_path or "/"}],
+        "tags": [{"name": tag} for tag in dict.fromkeys(op.tag for op in OPERATIONS)],
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+    })
 
 
 def routes(operations: list[Operation]) -> list[Route]:
@@ -806,9 +1013,21 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
         log.setLevel(logging.INFO)
         log.propagate = False
 
+    middleware = [Middleware(RequestMiddleware, max_body=settings.max_body)]
+    if settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match"],
+            expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After"], max_age=600))
+    if settings.rate_limit:
+        middleware.append(Middleware(RateLimitMiddleware, per_minute=settings.rate_limit,
+                                     auth_per_minute=settings.auth_rate_limit))
+    docs_files = [Route("/docs/init.js", docs_script),
+                  Mount("/docs/assets", StaticFiles(directory=openapi_ui_bundles.swagger_ui.static_path))]
     app = Starlette(
-        routes=routes(OPERATIONS),
-        middleware=[Middleware(RequestMiddleware, max_body=settings.max_body)],
+        routes=routes(OPERATIONS) + docs_files,
+        middleware=middleware,
         exception_handlers={HTTPProblem: on_problem, HTTPException: on_http_exception,
                             storage.Unavailable: on_unavailable, storage.Conflict: on_conflict},
         lifespan=lifespan,
