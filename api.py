@@ -59,12 +59,12 @@ class Settings:
     """Everything configurable, one field per environment variable (QUIRE_ + upper-case name)."""
 
     database_url: str = "sqlite:///quire.db"
-    secret_key: str | None = None
-    token_ttl: int = 3600
-    rate_limit: int = 600
-    auth_rate_limit: int = 10
+    secret_key: Annotated[str, Meta(min_length=32)] | None = None
+    token_ttl: Annotated[int, Meta(ge=1)] = 3600
+    rate_limit: Annotated[int, Meta(ge=0)] = 600  # requests a minute per client; 0 turns limits off
+    auth_rate_limit: Annotated[int, Meta(ge=1)] = 10
     cors_origins: tuple[str, ...] = ()
-    max_body: int = 1024 * 1024
+    max_body: Annotated[int, Meta(ge=1)] = 1024 * 1024
 
     @classmethod
     def load(cls, config: Config, overrides: dict[str, Any]) -> "Settings":
@@ -73,19 +73,20 @@ class Settings:
         for field in dataclasses.fields(cls):
             env_name = "DATABASE_URL" if field.name == "database_url" else f"QUIRE_{field.name.upper()}"
             value = overrides.get(field.name, config(env_name, default=None))
-            if value is None:
+            if value is None or value == "":
                 continue
             if field.name == "cors_origins" and isinstance(value, str):
                 value = [origin.strip() for origin in value.split(",") if origin.strip()]
             values[field.name] = tuple(value) if field.name == "cors_origins" else value
         try:
-            settings = msgspec.convert(values, cls, strict=False)
+            return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as error:
-            raise ValueError(f"Bad configuration: {error}") from None
-        if settings.secret_key is not None and len(settings.secret_key.encode()) < 32:
-            raise ValueError("QUIRE_SECRET_KEY must be at least 32 bytes; make one with "
-                             "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`.")
-        return settings
+            field = re.search(r"`\$\.(\w+)`", str(error))
+            name = field.group(1).upper() if field else "?"
+            name = name if name == "DATABASE_URL" else f"QUIRE_{name}"
+            hint = (" Make a key with `python -c 'import secrets; print(secrets.token_urlsafe(48))'`."
+                    if name == "QUIRE_SECRET_KEY" else "")
+            raise ValueError(f"{name} is wrong: {re.sub(r' - at `.*`$', '', str(error))}.{hint}") from None
 
 
 # == Bodies =======================================================================================
@@ -1047,11 +1048,15 @@ def read_password() -> str:
 
 
 async def create_admin(store: storage.Store, email: str, name: str, password: str) -> int:
-    """Create an admin, or promote the existing user with that email (password unchanged)."""
+    """Create an admin, or promote the existing user with that email (password unchanged).
+
+    :raise HTTPProblem: a new user's email, name or password breaks the registration rules.
+    """
     try:
         await store.connect()
         user = await store.promote_user(email.lower())
         if user is None:
+            decode(encoder.encode({"email": email, "name": name, "password": password}), UserIn)
             password_hash = await auth.hash_password(password)
             user = await store.create_user(email=email.lower(), name=name, password_hash=password_hash, role="admin")
         return user["id"]
@@ -1064,11 +1069,10 @@ def main(argv: list[str]) -> int:
         app = create_app()
         password = read_password()
         try:
-            decode(encoder.encode({"email": argv[1], "name": argv[2], "password": password}), UserIn)
+            print(asyncio.run(create_admin(app.state.quire.store, argv[1], argv[2], password)))
         except HTTPProblem as problem:
             print(f"create-admin: {problem.detail}", file=sys.stderr)
             return 2
-        print(asyncio.run(create_admin(app.state.quire.store, argv[1], argv[2], password)))
         return 0
     if argv:
         print("usage: python api.py [create-admin EMAIL NAME]", file=sys.stderr)
