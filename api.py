@@ -59,7 +59,7 @@ class Settings:
     """Everything configurable, one field per environment variable (QUIRE_ + upper-case name)."""
 
     database_url: str = "sqlite:///quire.db"
-    secret_key: Annotated[str, Meta(min_length=32)] | None = None
+    secret_key: str | None = None  # at least 32 bytes, checked in load()
     token_ttl: Annotated[int, Meta(ge=1)] = 3600
     rate_limit: Annotated[int, Meta(ge=0)] = 600  # requests a minute per client; 0 turns limits off
     auth_rate_limit: Annotated[int, Meta(ge=1)] = 10
@@ -79,14 +79,16 @@ class Settings:
                 value = [origin.strip() for origin in value.split(",") if origin.strip()]
             values[field.name] = tuple(value) if field.name == "cors_origins" else value
         try:
-            return msgspec.convert(values, cls, strict=False)
+            settings = msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as error:
             field = re.search(r"`\$\.(\w+)`", str(error))
             name = field.group(1).upper() if field else "?"
             name = name if name == "DATABASE_URL" else f"QUIRE_{name}"
-            hint = (" Make a key with `python -c 'import secrets; print(secrets.token_urlsafe(48))'`."
-                    if name == "QUIRE_SECRET_KEY" else "")
-            raise ValueError(f"{name} is wrong: {re.sub(r' - at `.*`$', '', str(error))}.{hint}") from None
+            raise ValueError(f"{name} is wrong: {re.sub(r' - at `.*`$', '', str(error))}.") from None
+        if settings.secret_key is not None and len(settings.secret_key.encode()) < 32:
+            raise ValueError("QUIRE_SECRET_KEY must be at least 32 bytes; make one with "
+                             "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`.")
+        return settings
 
 
 # == Bodies =======================================================================================
@@ -253,6 +255,12 @@ def unauthorized(detail: str) -> HTTPProblem:
     return HTTPProblem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="quire"'})
 
 
+# msgspec words a failed pattern as the regex itself; a person reads these instead.
+PATTERN_MESSAGES = {"title": "Expected text that is not only whitespace",
+                    "author": "Expected text that is not only whitespace",
+                    "email": "Expected an email address like ada@example.com"}
+
+
 def invalid_body(error: Exception) -> HTTPProblem:
     """A 400 for a body msgspec refused, with a JSON pointer to the first bad field."""
     message = str(error)
@@ -260,6 +268,8 @@ def invalid_body(error: Exception) -> HTTPProblem:
         return HTTPProblem(400, "The body is not valid UTF-8.", errors=[{"pointer": "#", "detail": "invalid UTF-8"}])
     if isinstance(error, RecursionError):
         message = "JSON is nested too deeply"
+    message = re.sub(r"Expected `str` matching regex '.*'", lambda _: PATTERN_MESSAGES.get(
+        re.search(r"`\$\.(\w+)`", message).group(1), "Expected a different format"), message)
     path = re.search(r" - at `\$(.*)`$", message)
     field = re.search(r"(?:missing required|unknown) field `(.+)`", message)
     if path:
@@ -516,6 +526,8 @@ async def signed_in(request: Request) -> storage.Row:
     try:
         claims = auth.read_token(token.strip(), await app.signing_key())
         user_id = int(claims["sub"])
+        if not 0 < user_id < 2**63:
+            raise ValueError("its subject is not a user id")
     except (auth.InvalidToken, ValueError) as error:
         raise unauthorized(f"The token was refused: {error}.") from None
     user = await app.store.get_token_user(user_id, claims["jti"])
@@ -704,8 +716,15 @@ def expected_version(request: Request, book: storage.Row) -> int | None:
     return book["version"]
 
 
+async def check_presented_token(request: Request) -> None:
+    """Public reads need no token, but one that is sent is still checked (401 if bad)."""
+    if "authorization" in request.headers:
+        await signed_in(request)
+
+
 async def list_books(request: Request) -> Response:
     """A page of books: filter with `author` or `q`, order with `sort`, continue with `next`."""
+    await check_presented_token(request)
     query = parse_query(request, BookQuery)
     app = quire(request)
     key = await app.signing_key()
@@ -731,6 +750,7 @@ async def create_book(request: Request) -> Response:
 
 async def get_book(request: Request) -> Response:
     """One book, with its ETag; send If-None-Match to get 304 when it has not changed."""
+    await check_presented_token(request)
     book = await quire(request).store.get_book(path_id(request))
     if book is None:
         raise HTTPProblem(404, f"There is no book with id {request.path_params['id']}.")
@@ -745,8 +765,11 @@ async def write_book(request: Request, body: bytes, type_: type[Struct]) -> Resp
     _, book = await changeable_book(request)
     changes = decode(body, type_)
     fields = {name: value for name, value in msgspec.structs.asdict(changes).items() if value is not UNSET}
+    fields = normalise_isbn(fields)
     version = expected_version(request, book)
-    updated = await quire(request).store.update_book(book["id"], normalise_isbn(fields), version=version)
+    if not fields:  # an empty merge patch changes nothing, not even the ETag
+        return book_response(book)
+    updated = await quire(request).store.update_book(book["id"], fields, version=version)
     if updated is None:
         raise await lost_race(request, book["id"])
     return book_response(updated)

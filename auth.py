@@ -21,7 +21,7 @@ from typing import Any
 
 # -- passwords -----------------------------------------------------------------------------------
 
-# OWASP's scrypt parameters (N=2**14, r=8, p=5): 16 MiB and some 50 ms of one core per hash.
+# OWASP's scrypt parameters (N=2**14, r=8, p=5): 16 MiB and some 250 ms of one core per hash.
 # The stored form names its scheme and parameters, so raising them later needs no migration:
 # old hashes still verify with the parameters they were made with.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 5
@@ -102,7 +102,10 @@ def _json_object(data: bytes) -> dict[str, Any]:
             raise ValueError("duplicate key")
         return dict(pairs)
 
-    value = json.loads(data, object_pairs_hook=refuse_duplicates)
+    def refuse_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN and Infinity
+
+    value = json.loads(data, object_pairs_hook=refuse_duplicates, parse_constant=refuse_constant)
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
