@@ -319,27 +319,28 @@ def log_json(**fields: Any) -> None:
 class RequestMiddleware:
     """The outermost layer of every request.
 
-    Gives it an id (X-Request-ID), adds headers every response carries, refuses bodies over the
-    limit without reading them (413), turns an unexpected exception into a 500 problem that shows
-    no internals, and writes one JSON log line. Paths and statuses are logged; headers and bodies,
-    where passwords and tokens travel, never are.
+    Gives it an id (X-Request-ID), adds the headers every response carries, and writes one JSON
+    log line. Paths and statuses are logged; headers and bodies, where passwords and tokens
+    travel, never are.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
         if not REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         route_path = scope["path"][len(scope.get("root_path", "")):]
         private = route_path.startswith(("/api/v1/users", "/api/v1/auth"))
-        status = 0
+        status = 500  # what the log says if an exception escapes before a response starts
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -352,33 +353,55 @@ class RequestMiddleware:
                     response_headers["Cache-Control"] = "no-store"
             await send(message)
 
-        received = 0
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            log_json(request_id=request_id, method=scope["method"], path=scope["path"], status=status,
+                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+class GuardMiddleware:
+    """Refuses bodies over the limit without reading them (413), and turns an unexpected exception
+    into a 500 problem that shows no internals; the traceback goes to the log with the request id.
+
+    It sits inside the CORS layer, so that a browser may read these answers too.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"The body is larger than {self.max_body} bytes."
+        received, started = 0, False
 
         async def receive_limited() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body:
-                raise HTTPProblem(413, f"The body is larger than {self.max_body} bytes.")
+                raise HTTPProblem(413, too_large)
             return message
 
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await problem_response(413, too_large)(scope, receive, send)
         try:
-            declared = headers.get(b"content-length", b"0")
-            if declared.isdigit() and int(declared) > self.max_body:
-                response = problem_response(413, f"The body is larger than {self.max_body} bytes.")
-                await response(scope, receive, send_with_headers)
-            else:
-                await self.app(scope, receive_limited, send_with_headers)
+            await self.app(scope, receive_limited, send_tracked)
         except Exception:
+            request_id = scope["state"].get("request_id")
             log_json(request_id=request_id, error=traceback.format_exc())
-            if status:  # the response has begun: all that is left is to drop the connection
+            if started:  # the response has begun: all that is left is to drop the connection
                 raise
             response = problem_response(500, "Something went wrong on our side; the request id says where.",
                                         request_id=request_id)
-            await response(scope, receive, send_with_headers)
-        finally:
-            log_json(request_id=request_id, method=scope["method"], path=scope["path"], status=status or 500,
-                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+            await response(scope, receive, send)
 
 
 class TokenBuckets:
@@ -424,7 +447,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route_path = scope["path"][len(scope.get("root_path", "")):]
-        if not route_path.startswith(UNCOUNTED):
+        if route_path not in UNCOUNTED and not route_path.startswith("/docs/"):
             client = scope["client"][0] if scope.get("client") else None
             now = time.monotonic()
             wait = self.general.take(client, now)
@@ -1025,8 +1048,10 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
     async def lifespan(app: Starlette):
         # Connecting early is only a head start: if the database is down, the app serves 503s and
         # connects later by itself.
-        with contextlib.suppress(storage.Unavailable):
+        try:
             await store.connect()
+        except storage.Unavailable as error:
+            log_json(error=f"not connected at start-up, will retry on demand: {error}")
         yield
         await store.disconnect()
 
@@ -1037,13 +1062,14 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
         log.setLevel(logging.INFO)
         log.propagate = False
 
-    middleware = [Middleware(RequestMiddleware, max_body=settings.max_body)]
+    middleware = [Middleware(RequestMiddleware)]
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match"],
             expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After"], max_age=600))
+    middleware.append(Middleware(GuardMiddleware, max_body=settings.max_body))
     if settings.rate_limit:
         middleware.append(Middleware(RateLimitMiddleware, per_minute=settings.rate_limit,
                                      auth_per_minute=settings.auth_rate_limit))

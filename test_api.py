@@ -10,25 +10,34 @@ database named there is only used to create and drop the throwaway ones).
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import httpx2
 import jwt
 import pytest
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
@@ -2113,3 +2122,802 @@ def test_a_mounted_app_writes_its_prefix_into_location_next_and_link(make_app):
         finally:
             # The parent never runs the mounted app's lifespan, so nothing else closes its store.
             client.portal.call(shop.state.quire.store.disconnect)
+
+
+# == Operations: limits, CORS, faults, durability, embedding =======================================
+
+BOOK = {"title": "Clean Code", "author": "Robert C. Martin"}
+PG_SERVER = os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# == Helpers for operations ======================================================================================
+
+
+def padded(body: dict, size: int) -> bytes:
+    """`body` as JSON of exactly `size` bytes (trailing whitespace is still valid JSON)."""
+    text = json.dumps(body).encode()
+    assert len(text) <= size
+    return text + b" " * (size - len(text))
+
+
+def in_chunks(data: bytes, size: int = 100) -> Iterator[bytes]:
+    """A generator body: TestClient sends it chunked, without Content-Length."""
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+def assert_retry_after(response) -> int:
+    """A Retry-After of whole seconds, at least one."""
+    value = response.headers["retry-after"]
+    assert re.fullmatch(r"[1-9][0-9]*", value), value
+    return int(value)
+
+
+def header_items(response, name: str) -> set[str]:
+    """A comma-separated header's items, lower-case."""
+    return {item.strip().lower() for item in response.headers.get(name, "").split(",") if item.strip()}
+
+
+def limited(client: TestClient, path: str, tries: int = 100):
+    """GET `path` until the rate limit answers; its 429 response."""
+    for _ in range(tries):
+        response = client.get(path)
+        if response.status_code == 429:
+            return response
+    raise AssertionError(f"{path} was not limited after {tries} requests")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def pg_admin(sql: str) -> None:
+    connection = await asyncpg.connect(PG_SERVER.replace("postgresql://", "postgres://", 1))
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@contextlib.contextmanager
+def throwaway_postgres_database() -> Iterator[str]:
+    """The name of a new, empty PostgreSQL database, dropped afterwards."""
+    name = f"quire_ops_{uuid.uuid4().hex[:12]}"
+    asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def other_database_url(tmp_path) -> Iterator[str]:
+    """A second database, of the same kind as `database_url`."""
+    if not POSTGRES:
+        yield f"sqlite:///{tmp_path / 'other.db'}"
+        return
+    with throwaway_postgres_database() as name:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+
+
+def poll(check: Callable[[], bool], *, timeout: float = 10, interval: float = 0.1) -> bool:
+    """True as soon as `check()` is, False if it never is within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+# == Body limits and media types ==================================================================
+
+
+def test_a_2000_byte_body_over_a_1000_byte_limit_is_a_413_problem_with_a_request_id(make_app):
+    with TestClient(make_app(max_body=1000)) as client:
+        response = client.post(USERS, content=padded(user_body(), 2000), headers=JSON_HEADERS)
+        assert response.request.headers["content-length"] == "2000"
+        assert_problem(response, 413, "1000")
+        assert REQUEST_ID_SHAPE.fullmatch(response.headers["x-request-id"])
+        assert response.headers["x-content-type-options"] == "nosniff"
+        # Nothing was written.
+        assert client.post(TOKEN, json={"email": "nobody@example.com", "password": PASSWORD}).status_code == 401
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_before_reading_a_byte(make_app):
+    app = make_app(max_body=1000)
+    reads, messages = 0, []
+
+    async def receive() -> dict:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b" " * 100, "more_body": reads < 20}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    scope = asgi_scope("POST", USERS, "127.0.0.1")
+    scope["headers"] += [(b"content-type", b"application/json"), (b"content-length", b"2000")]
+    asyncio.run(app(scope, receive, send))
+    assert messages[0]["status"] == 413
+    assert (b"content-type", b"application/problem+json") in messages[0]["headers"]
+    assert reads == 0, f"read {reads} chunks of a body whose declared length was already too large"
+
+
+def test_a_chunked_2000_byte_body_over_a_1000_byte_limit_is_413_too(make_app):
+    with TestClient(make_app(max_body=1000)) as client:
+        response = client.post(USERS, content=in_chunks(padded(user_body(), 2000)), headers=JSON_HEADERS)
+        assert "content-length" not in response.request.headers
+        assert_problem(response, 413, "1000")
+        assert REQUEST_ID_SHAPE.fullmatch(response.headers["x-request-id"])
+
+
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not(make_app):
+    with TestClient(make_app(max_body=1000)) as client:
+        exact = client.post(USERS, content=padded(user_body(), 1000), headers=JSON_HEADERS)
+        assert exact.status_code == 201, exact.text
+        exact_chunked = client.post(USERS, content=in_chunks(padded(user_body(), 1000)), headers=JSON_HEADERS)
+        assert exact_chunked.status_code == 201, exact_chunked.text
+        assert_problem(client.post(USERS, content=padded(user_body(), 1001), headers=JSON_HEADERS), 413)
+        assert_problem(client.post(USERS, content=in_chunks(padded(user_body(), 1001)), headers=JSON_HEADERS), 413)
+
+
+@pytest.mark.parametrize("path, content_type", [
+    (USERS, "text/plain"),
+    (USERS, "application/x-www-form-urlencoded"),
+    (USERS, None),
+    (TOKEN, "text/plain"),
+    (USERS, "application/merge-patch+json"),  # only PATCH takes a merge patch
+    (BOOKS, "text/plain"),  # 415 comes before 401
+], ids=["text", "form", "none", "token-text", "merge-patch-on-post", "book-without-token"])
+def test_a_body_that_is_not_json_is_a_415_problem(client, path, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post(path, content=json.dumps(user_body()).encode(), headers=headers)
+    assert_problem(response, 415, "application/json")
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+# == Rate limits ==================================================================================
+
+
+def test_the_sixth_request_in_a_burst_over_a_limit_of_five_is_429_with_retry_after(make_app):
+    with TestClient(make_app(rate_limit=5, auth_rate_limit=2)) as client:
+        statuses = [client.get(BOOKS).status_code for _ in range(5)]
+        assert statuses == [200] * 5
+        response = client.get(BOOKS)
+        assert_problem(response, 429)
+        assert 1 <= assert_retry_after(response) <= 60
+        assert REQUEST_ID_SHAPE.fullmatch(response.headers["x-request-id"])
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert_problem(client.get(f"{BOOKS}/1"), 429)  # the limit is per client, not per path
+
+
+def test_probes_and_docs_are_never_rate_limited(make_app):
+    with TestClient(make_app(rate_limit=5, auth_rate_limit=2)) as client:
+        limited(client, BOOKS)
+        for _ in range(10):
+            for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/init.js",
+                         "/docs/assets/swagger-ui.css"):
+                response = client.get(path)
+                assert response.status_code == 200, (path, response.status_code)
+        assert_problem(client.get(BOOKS), 429)
+
+
+def test_signing_in_is_limited_after_two_and_registering_has_a_bucket_of_its_own(make_app):
+    with TestClient(make_app(rate_limit=100, auth_rate_limit=2)) as client:
+        user = register(client)
+        wrong = {"email": user["email"], "password": "wrong password"}
+        assert [client.post(TOKEN, json=wrong).status_code for _ in range(2)] == [401, 401]
+        response = client.post(TOKEN, json={"email": user["email"], "password": PASSWORD})
+        assert_problem(response, 429)
+        assert_retry_after(response)
+        assert response.headers["cache-control"] == "no-store"
+        # Registering drew on its own bucket: one used above, one left, then limited.
+        assert client.post(USERS, json=user_body()).status_code == 201
+        assert_problem(client.post(USERS, json=user_body()), 429)
+        # The general limit is untouched by either.
+        assert client.get(BOOKS).status_code == 200
+
+
+def test_a_rate_limit_of_zero_turns_both_limits_off(make_app):
+    with TestClient(make_app(rate_limit=0, auth_rate_limit=1)) as client:
+        user = register(client)
+        for _ in range(15):
+            assert client.post(TOKEN, json={"email": user["email"], "password": "wrong password"}).status_code == 401
+            assert client.post(USERS, json=user_body(name="")).status_code == 400
+        assert all(client.get(BOOKS).status_code == 200 for _ in range(100))
+
+
+def test_rate_limits_are_read_from_the_environment(database_url):
+    environ = {"QUIRE_RATE_LIMIT": "3", "QUIRE_AUTH_RATE_LIMIT": "1"}
+    app = api.create_app(config=api.Config(environ=environ), database_url=database_url)
+    with TestClient(app) as client:
+        assert client.post(USERS, json=user_body()).status_code == 201
+        assert_problem(client.post(USERS, json=user_body()), 429)
+        assert client.get(BOOKS).status_code == 200
+        assert_problem(client.get(BOOKS), 429)
+    off = api.create_app(config=api.Config(environ={"QUIRE_RATE_LIMIT": "0"}), database_url=database_url)
+    with TestClient(off) as client:
+        assert all(client.get(BOOKS).status_code == 200 for _ in range(20))
+
+
+def test_retry_after_is_honest_a_request_after_waiting_it_out_is_served(make_app):
+    with TestClient(make_app(rate_limit=60)) as client:  # a burst of 60, then one a second
+        response = limited(client, "/api/v1/nothing", tries=61)
+        wait = assert_retry_after(response)
+        assert wait == 1
+        time.sleep(wait + 0.05)
+        assert client.get("/api/v1/nothing").status_code == 404
+
+
+def test_each_client_address_has_its_own_bucket(tmp_path):
+    # A 404 is counted without touching the database, so any database will do.
+    app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{tmp_path / 'q.db'}", rate_limit=2)
+    # No `with`: no lifespan is needed for a 404.
+    first = TestClient(app, client=("203.0.113.1", 40000))
+    second = TestClient(app, client=("203.0.113.2", 40000))
+    assert [first.get("/api/v1/nothing").status_code for _ in range(3)] == [404, 404, 429]
+    assert second.get("/api/v1/nothing").status_code == 404
+    # The address counts, not the port.
+    assert TestClient(app, client=("203.0.113.1", 40001)).get("/api/v1/nothing").status_code == 429
+
+
+def test_two_apps_in_one_process_do_not_share_rate_limit_state(tmp_path):
+    first, second = (api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{tmp_path / name}",
+                                    rate_limit=2) for name in ("first.db", "second.db"))
+    with TestClient(first) as client:
+        assert [client.get("/api/v1/nothing").status_code for _ in range(3)] == [404, 404, 429]
+    with TestClient(second) as client:
+        assert [client.get("/api/v1/nothing").status_code for _ in range(3)] == [404, 404, 429]
+
+
+def asgi_scope(method: str, path: str, address: str) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+            "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+            "headers": [(b"host", b"testserver")], "client": (address, 50000), "server": ("testserver", 80),
+            "state": {}}
+
+
+def test_a_flood_of_50000_client_addresses_leaves_at_most_max_clients_buckets():
+    statuses: collections.Counter = collections.Counter()
+
+    async def ok(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] += 1
+
+    limiter = api.RateLimitMiddleware(ok, per_minute=5, auth_per_minute=2)
+
+    async def flood() -> None:
+        # Sign-in requests draw on both the general and the strict buckets.
+        for n in range(50_000):
+            await limiter(asgi_scope("POST", TOKEN, f"10.{n >> 16}.{n >> 8 & 255}.{n & 255}"), receive, send)
+        for _ in range(6):
+            await limiter(asgi_scope("GET", BOOKS, "192.0.2.1"), receive, send)
+
+    asyncio.run(flood())
+    assert statuses == {200: 50_005, 429: 1}, "each new address starts with a full bucket; the limit still works"
+    for buckets in (limiter.general, limiter.strict):
+        assert buckets.max_clients < 50_000
+        assert len(buckets.buckets) <= buckets.max_clients
+
+
+# == CORS =========================================================================================
+
+ORIGIN = "https://a.example"
+PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "PUT",
+             "Access-Control-Request-Headers": "authorization, content-type, if-match, if-none-match"}
+ALLOWED_HEADERS = {"authorization", "content-type", "if-match", "if-none-match"}
+EXPOSED_HEADERS = {"etag", "location", "link", "x-request-id", "retry-after"}
+
+
+def test_cors_is_off_by_default(client):
+    response = client.get(BOOKS, headers={"Origin": ORIGIN})
+    assert response.status_code == 200
+    assert not any(name.startswith("access-control-") for name in response.headers)
+    response = client.options(f"{BOOKS}/1", headers=PREFLIGHT)
+    assert_problem(response, 405)
+    assert "OPTIONS" not in header_items(response, "allow") and "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("cors_origins", ["https://a.example, https://b.example",
+                                          ["https://a.example", "https://b.example"]], ids=["string", "list"])
+def test_a_preflight_from_a_listed_origin_allows_the_apis_headers(make_app, cors_origins):
+    with TestClient(make_app(cors_origins=cors_origins)) as client:
+        for origin in ("https://a.example", "https://b.example"):
+            response = client.options(f"{BOOKS}/1", headers={**PREFLIGHT, "Origin": origin})
+            assert response.status_code == 200, response.text
+            assert response.headers["access-control-allow-origin"] == origin
+            assert ALLOWED_HEADERS <= header_items(response, "access-control-allow-headers")
+            assert {"get", "post", "put", "patch", "delete"} <= header_items(response, "access-control-allow-methods")
+            assert "origin" in header_items(response, "vary")
+            assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_simple_request_from_a_listed_origin_exposes_the_apis_headers(make_app):
+    with TestClient(make_app(cors_origins="https://a.example, https://b.example")) as client:
+        response = client.get(BOOKS, headers={"Origin": ORIGIN})
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == ORIGIN
+        assert EXPOSED_HEADERS <= header_items(response, "access-control-expose-headers")
+        assert "origin" in header_items(response, "vary")
+
+
+def test_an_unlisted_origin_gets_no_allow_header(make_app):
+    with TestClient(make_app(cors_origins="https://a.example, https://b.example")) as client:
+        for origin in ("https://evil.example", "https://a.example.evil.example", "http://a.example", "null"):
+            response = client.get(BOOKS, headers={"Origin": origin})
+            assert response.status_code == 200
+            assert "access-control-allow-origin" not in response.headers, origin
+            preflight = client.options(f"{BOOKS}/1", headers={**PREFLIGHT, "Origin": origin})
+            assert preflight.status_code == 400
+            assert "access-control-allow-origin" not in preflight.headers, origin
+
+
+def test_a_rate_limited_cross_origin_request_can_read_its_retry_after(make_app):
+    with TestClient(make_app(cors_origins=ORIGIN, rate_limit=1)) as client:
+        assert client.get(BOOKS, headers={"Origin": ORIGIN}).status_code == 200
+        response = client.get(BOOKS, headers={"Origin": ORIGIN})
+        assert_problem(response, 429)
+        assert response.headers["access-control-allow-origin"] == ORIGIN
+        assert "retry-after" in header_items(response, "access-control-expose-headers")
+        assert_retry_after(response)
+
+
+def test_a_listed_origin_can_read_a_413_and_a_500_with_its_request_id(make_app, monkeypatch):
+    # A browser hides any response without Access-Control-Allow-Origin from the page, so without
+    # it a web client cannot show a 500's request id (what support needs) nor a 413's detail.
+    with TestClient(make_app(cors_origins=ORIGIN, max_body=1000)) as client:
+        monkeypatch.setattr(client.app.state.quire.store, "list_books", fail_with_internals)
+        responses = {
+            413: client.post(USERS, content=b"x" * 2000, headers={"Origin": ORIGIN, **JSON_HEADERS}),
+            500: client.get(BOOKS, headers={"Origin": ORIGIN}),
+        }
+    for status, response in responses.items():
+        assert_problem(response, status)
+        assert response.headers.get("access-control-allow-origin") == ORIGIN, status
+        assert "x-request-id" in header_items(response, "access-control-expose-headers"), status
+
+
+# == Security headers =============================================================================
+
+
+def test_errors_of_every_kind_say_nosniff(make_app, monkeypatch):
+    with TestClient(make_app(max_body=1000, rate_limit=50)) as client:
+        monkeypatch.setattr(client.app.state.quire.store, "get_book", fail_with_internals)
+        responses = {
+            404: client.get("/no/such/route"),
+            405: client.delete(BOOKS),
+            413: client.post(BOOKS, content=b"x" * 2000, headers=JSON_HEADERS),
+            415: client.post(BOOKS, content=b"{}", headers={"Content-Type": "text/plain"}),
+            500: client.get(f"{BOOKS}/1"),
+        }
+        responses[429] = limited(client, "/no/such/route")
+    for status, response in responses.items():
+        assert_problem(response, status)
+        assert response.headers["x-content-type-options"] == "nosniff", status
+
+
+def test_user_and_token_responses_say_no_store_even_when_they_fail(make_app, monkeypatch):
+    with TestClient(make_app(max_body=1000, rate_limit=100, auth_rate_limit=2)) as client:
+        user, headers = signed_in_user(client)
+        responses = [
+            client.post(USERS, content=b"x" * 2000, headers=JSON_HEADERS),          # 413
+            client.post(TOKEN, content=b"{}", headers={"Content-Type": "text/plain"}),  # 415
+            client.get(f"{USERS}/{user['id']}"),                                      # 401
+            client.get(f"{USERS}/{user['id'] + 1}", headers=headers),                 # 403
+            client.get(f"{USERS}/x", headers=headers),                                # 404
+            client.put(ME, headers=headers),                                          # 405
+            client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}),  # 429: the third
+        ]
+        monkeypatch.setattr(client.app.state.quire.store, "get_token_user", fail_with_internals)
+        responses.append(client.get(ME, headers=headers))                           # 500
+    assert [r.status_code for r in responses] == [413, 415, 401, 403, 404, 405, 429, 500]
+    for response in responses:
+        assert response.headers.get("cache-control") == "no-store", (response.request.url, response.status_code)
+
+
+def test_docs_forbid_framing_with_a_content_security_policy(client):
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    policy = {directive.strip().split(" ", 1)[0]: directive.strip()
+              for directive in response.headers["content-security-policy"].split(";")}
+    assert policy["frame-ancestors"] == "frame-ancestors 'none'"
+    assert "default-src" in policy
+    assert "'unsafe-inline'" not in policy.get("script-src", "script-src")
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+# == Faults =======================================================================================
+
+
+def fail_with_internals(*args, **kwargs):
+    raise RuntimeError("secret internals")
+
+
+class Records(logging.Handler):
+    """Collects what the `quire` logger writes, as parsed JSON lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(record.getMessage()))
+
+
+def test_an_unexpected_exception_is_a_500_naming_the_request_id_and_the_traceback_is_logged(client, monkeypatch):
+    monkeypatch.setattr(client.app.state.quire.store, "list_books", fail_with_internals)
+    records = Records()
+    logging.getLogger("quire").addHandler(records)
+    try:
+        response = client.get(BOOKS)
+    finally:
+        logging.getLogger("quire").removeHandler(records)
+    body = assert_problem(response, 500)
+    request_id = response.headers["x-request-id"]
+    assert body["request_id"] == request_id
+    assert set(body) == {"type", "title", "status", "detail", "request_id"}
+    for internal in ("secret internals", "Traceback", "RuntimeError", "store.py", "api.py", "list_books"):
+        assert internal not in response.text
+    errors = [line for line in records.lines if "error" in line]
+    assert len(errors) == 1 and errors[0]["request_id"] == request_id
+    assert "Traceback (most recent call last)" in errors[0]["error"]
+    assert "RuntimeError: secret internals" in errors[0]["error"]
+    request_lines = [line for line in records.lines if line.get("request_id") == request_id and "status" in line]
+    assert [line["status"] for line in request_lines] == [500]
+    monkeypatch.undo()
+    assert client.get(BOOKS).status_code == 200
+
+
+class Relay:
+    """A TCP relay from a local port to PostgreSQL: a database link a test can cut and restore
+    without touching the server, which other suites may be using."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.port = target, free_port()
+        self._listener: socket.socket | None = None
+        self._accepting: threading.Thread | None = None
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.05)
+        self._listener = listener
+        self._accepting = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._accepting.start()
+
+    def stop(self) -> None:
+        """Stop listening (new connections are refused) and cut every open connection."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._accepting.join(timeout=5)
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                downstream, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                downstream.close()
+                continue
+            downstream.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets |= {downstream, upstream}
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def relayed_postgres() -> Iterator[tuple[Relay, str]]:
+    """A not yet started relay to PostgreSQL and the URL of a new database through it."""
+    host, port = re.search(r"@([^:/]+):?(\d*)/", PG_SERVER).groups()
+    relay = Relay((host, int(port or 5432)))
+    with throwaway_postgres_database() as name:
+        try:
+            yield relay, f"postgresql://postgres@127.0.0.1:{relay.port}/{name}"
+        finally:
+            relay.stop()
+
+
+def assert_unavailable(response) -> None:
+    assert_problem(response, 503)
+    assert_retry_after(response)
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_when_the_database_goes_away_and_comes_back_the_same_app_recovers(make_app, relayed_postgres):
+    relay, url = relayed_postgres
+    relay.start()
+    with TestClient(make_app(database_url=url)) as client:
+        assert client.get("/readyz").status_code == 200
+        _, headers = signed_in_user(client)
+        created = client.post(BOOKS, json=BOOK, headers=headers)
+        assert created.status_code == 201, created.text
+
+        relay.stop()
+        assert_unavailable(client.get("/readyz"))
+        assert_unavailable(client.get(BOOKS))
+        assert_unavailable(client.post(BOOKS, json=BOOK, headers=headers))
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/docs").status_code == 200
+
+        relay.start()
+        assert poll(lambda: client.get("/readyz").status_code == 200), "no recovery within 10 s"
+        response = client.get(BOOKS)
+        assert response.status_code == 200 and [book["id"] for book in response.json()["items"]] == [
+            created.json()["id"]]
+        assert client.post(BOOKS, json=BOOK, headers=headers).status_code == 201  # the same token still works
+
+
+def test_an_app_started_while_the_database_is_down_serves_once_it_comes_up(make_app, relayed_postgres):
+    relay, url = relayed_postgres
+    with TestClient(make_app(database_url=url)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/docs").status_code == 200
+        assert_unavailable(client.get("/readyz"))
+        assert_unavailable(client.get(BOOKS))
+        assert_unavailable(client.post(USERS, json=user_body()))
+
+        relay.start()
+        assert poll(lambda: client.get("/readyz").status_code == 200), "no connection within 10 s"
+        _, headers = signed_in_user(client)
+        assert client.post(BOOKS, json=BOOK, headers=headers).status_code == 201
+        assert len(client.get(BOOKS).json()["items"]) == 1
+
+
+# == Durability: real server processes ============================================================
+
+
+@dataclasses.dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    port: int
+    stderr: Path
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until /readyz answers 200; fails at once if the server died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the server exited ({self.process.returncode}):\n{self.log()}"
+            with contextlib.suppress(httpx2.TransportError):
+                if httpx2.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"not ready within {timeout} s:\n{self.log()}")
+
+
+@contextlib.contextmanager
+def uvicorn_server(tmp_path: Path, database_url: str, *options: str) -> Iterator[Server]:
+    """`python -m uvicorn api:app` in a process group of its own, killed with its workers afterwards."""
+    port = free_port()
+    environ = {name: value for name, value in os.environ.items()
+               if not name.startswith("QUIRE_") and name != "DATABASE_URL"}
+    environ.update(DATABASE_URL=database_url, QUIRE_RATE_LIMIT="0")
+    stderr = tmp_path / f"uvicorn-{port}.log"
+    with open(stderr, "wb") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(port), *options],
+            cwd=HERE, env=environ, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+    try:
+        yield Server(process, f"http://127.0.0.1:{port}", port, stderr)
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the group: workers too
+            process.wait(timeout=10)
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def sign_up(http: httpx2.Client) -> dict[str, str]:
+    """Register a new user on a live server and return headers that sign its requests in."""
+    email = f"ops-{uuid.uuid4().hex[:8]}@example.com"
+    assert http.post(USERS, json={"email": email, "name": "Ops", "password": PASSWORD}).status_code == 201
+    response = http.post(TOKEN, json={"email": email, "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    return bearer(response.json()["access_token"])
+
+
+def test_fifty_books_answered_201_survive_a_sigkill_right_after(tmp_path):
+    # Always SQLite: this is about its journal (WAL with synchronous=NORMAL), whatever the pass.
+    database = f"sqlite:///{tmp_path / 'quire.db'}"
+    with uvicorn_server(tmp_path, database) as server:
+        server.wait_ready()
+        with httpx2.Client(base_url=server.url, timeout=10) as http:
+            headers = sign_up(http)
+            created = []
+            for n in range(50):
+                response = http.post(BOOKS, json={"title": f"Book {n}", "author": "Ada"}, headers=headers)
+                assert response.status_code == 201, response.text
+                created.append(response.json())
+        server.process.send_signal(signal.SIGKILL)
+        assert server.process.wait(timeout=10) == -signal.SIGKILL
+    with uvicorn_server(tmp_path, database) as server:
+        server.wait_ready()
+        with httpx2.Client(base_url=server.url, timeout=10) as http:
+            for book in created:
+                response = http.get(f"{BOOKS}/{book['id']}")
+                assert response.status_code == 200 and response.json() == book
+            assert http.get(BOOKS, params={"limit": 100}).json()["items"] == created
+            # The generated key was kept in the database too: the token from before still works.
+            assert http.post(BOOKS, json=BOOK, headers=headers).status_code == 201
+
+
+def test_three_workers_on_a_fresh_database_start_cleanly_and_serve(tmp_path, database_url):
+    with uvicorn_server(tmp_path, database_url, "--workers", "3") as server:
+        server.wait_ready()
+        assert poll(lambda: server.log().count("Application startup complete.") == 3, timeout=20), server.log()
+        # New connections each, so that the requests spread over the workers.
+        for _ in range(30):
+            assert httpx2.get(server.url + "/readyz", timeout=5).status_code == 200
+        with httpx2.Client(base_url=server.url, timeout=10, headers={"Connection": "close"}) as http:
+            headers = sign_up(http)
+            ids = [http.post(BOOKS, json=BOOK, headers=headers).json()["id"] for _ in range(6)]
+            assert [book["id"] for book in http.get(BOOKS).json()["items"]] == ids
+            assert all(http.get(ME, headers=headers).status_code == 200 for _ in range(6))
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=20)
+    log = server.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    requests = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert requests and all(line.get("status", 200) < 500 and "error" not in line for line in requests), log
+
+
+def test_a_request_in_flight_at_sigterm_is_finished_before_the_server_exits(tmp_path, database_url):
+    with uvicorn_server(tmp_path, database_url, "--timeout-graceful-shutdown", "10") as server:
+        server.wait_ready()
+        body = json.dumps(user_body(email="slow@example.com")).encode()
+        head = (f"POST {USERS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as connection:
+            connection.sendall(head + body[:10])
+            time.sleep(0.2)
+            server.process.send_signal(signal.SIGTERM)
+            # The server has begun shutting down: it soon stops taking new connections.
+            assert poll(lambda: refuses_connections(server.port), timeout=5), "still listening after SIGTERM"
+            rest = body[10:]
+            for start in range(0, len(rest), len(rest) // 5 + 1):  # the rest, dribbled over ~0.5 s
+                connection.sendall(rest[start:start + len(rest) // 5 + 1])
+                time.sleep(0.1)
+            reply = b""
+            while chunk := connection.recv(65536):
+                reply += chunk
+        returncode = server.process.wait(timeout=15)
+    status_line, _, rest = reply.partition(b"\r\n")
+    raw_headers, _, payload = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().lower().split(": ", 1) for line in raw_headers.split(b"\r\n"))
+    assert status_line == b"HTTP/1.1 201 Created", reply
+    assert int(headers["content-length"]) == len(payload)
+    assert json.loads(payload)["email"] == "slow@example.com"
+    # uvicorn re-raises the SIGTERM it caught once it has shut down cleanly, so a clean exit is
+    # "terminated by SIGTERM", not 0 (a crash would be 1, a forced one SIGKILL).
+    assert returncode in (0, -signal.SIGTERM), (returncode, server.log())
+    assert "Traceback" not in server.log() and "ERROR" not in server.log(), server.log()
+
+
+# == Embedding ====================================================================================
+
+
+def mount(kind: str, prefixes: dict[str, api.Starlette]):
+    """A parent app of `kind` (Starlette or FastAPI) with each app mounted under its prefix."""
+    if kind == "starlette":
+        return Starlette(routes=[Mount(prefix, app=child) for prefix, child in prefixes.items()])
+    parent = FastAPI()
+    for prefix, child in prefixes.items():
+        parent.mount(prefix, child)
+    return parent
+
+
+def shop_app(database_url: str, **overrides) -> api.Starlette:
+    return api.create_app(config=api.Config(environ={}), database_url=database_url,
+                          secret_key=overrides.pop("secret_key", "x" * 40), **overrides)
+
+
+@pytest.mark.parametrize("kind", ["starlette", "fastapi"])
+def test_mounted_under_shop_every_url_the_api_writes_carries_the_prefix(database_url, kind):
+    shop = shop_app(database_url)
+    with TestClient(mount(kind, {"/shop": shop})) as client:  # the child's lifespan never runs
+        try:
+            assert client.get("/shop/healthz").json() == {"status": "ok"}
+            response = client.post("/shop/api/v1/users", json=user_body(email="ada@example.com"))
+            assert response.status_code == 201, response.text
+            assert response.headers["location"] == f"/shop/api/v1/users/{response.json()['id']}"
+            token = client.post("/shop/api/v1/auth/token", json={"email": "ada@example.com", "password": PASSWORD})
+            assert token.status_code == 200, token.text
+            headers = bearer(token.json()["access_token"])
+            books = []
+            for n in range(3):
+                response = client.post("/shop/api/v1/books", json={**BOOK, "title": f"Book {n}"}, headers=headers)
+                assert response.status_code == 201, response.text
+                assert response.headers["location"] == f"/shop/api/v1/books/{response.json()['id']}"
+                assert client.get(response.headers["location"]).json() == response.json()
+                books.append(response.json())
+
+            first = client.get("/shop/api/v1/books", params={"limit": 2})
+            next_url = first.json()["next"]
+            assert next_url.startswith("/shop/api/v1/books?")
+            assert first.headers["link"] == f'<{next_url}>; rel="next"'
+            second = client.get(next_url)
+            assert second.status_code == 200 and second.json()["next"] is None
+            assert first.json()["items"] + second.json()["items"] == books
+
+            assert client.get("/shop/openapi.json").json()["servers"] == [{"url": "/shop"}]
+            page = client.get("/shop/docs")
+            assert page.status_code == 200 and 'data-spec-url="/shop/openapi.json"' in page.text
+            assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+            assert assets and all(asset.startswith("/shop/docs/") for asset in assets), assets
+            for asset in assets:
+                assert client.get(asset).status_code == 200, asset
+            assert client.get("/shop/readyz").status_code == 200
+        finally:
+            client.portal.call(shop.state.quire.store.disconnect)
+
+
+def test_two_mounted_apps_on_two_databases_share_neither_data_nor_rate_limits(database_url, other_database_url):
+    first = shop_app(database_url, secret_key="a" * 40, rate_limit=6)
+    second = shop_app(other_database_url, secret_key="b" * 40, rate_limit=6)
+    with TestClient(mount("starlette", {"/a": first, "/b": second})) as client:
+        try:
+            assert client.post("/a/api/v1/users", json=user_body(email="ada@example.com")).status_code == 201
+            token = client.post("/a/api/v1/auth/token", json={"email": "ada@example.com", "password": PASSWORD})
+            headers = bearer(token.json()["access_token"])
+            book = client.post("/a/api/v1/books", json=BOOK, headers=headers).json()
+            assert client.get(f"/a/api/v1/books/{book['id']}").status_code == 200
+            assert_problem(client.get(f"/b/api/v1/books/{book['id']}"), 404)
+            assert client.get("/b/api/v1/books").json() == {"items": [], "next": None}
+            assert client.get("/b/api/v1/users/me", headers=headers).status_code == 401
+            # /a has used 4 of its 6; /b 3 of its own 6.
+            assert [client.get("/a/api/v1/books").status_code for _ in range(2)] == [200, 200]
+            assert_problem(client.get("/a/api/v1/books"), 429)
+            assert [client.get("/b/api/v1/books").status_code for _ in range(3)] == [200, 200, 200]
+            assert_problem(client.get("/b/api/v1/books"), 429)
+        finally:
+            client.portal.call(first.state.quire.store.disconnect)
+            client.portal.call(second.state.quire.store.disconnect)
