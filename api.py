@@ -853,7 +853,7 @@ DOCS_PAGE = """<!DOCTYPE html>
 DOCS_SCRIPT = """const element = document.getElementById("swagger-ui");
 window.ui = SwaggerUIBundle({url: element.dataset.specUrl, dom_id: "#swagger-ui", deepLinking: true});
 """
-DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src data:; "
                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
@@ -888,11 +888,12 @@ class Operation:
     query: Any = None
     errors: tuple[int, ...] = ()
     signed_in: bool = False
+    media_type: str = JSON  # of the success body
 
 
 OPERATIONS = [
     Operation("GET", "/healthz", healthz, "operations", (200, Status)),
-    Operation("GET", "/readyz", readyz, "operations", (200, Status)),
+    Operation("GET", "/readyz", readyz, "operations", (200, Status), errors=(503,)),
     Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 409, 413, 415)),
     Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
               errors=(400, 401, 403), signed_in=True),
@@ -902,10 +903,10 @@ OPERATIONS = [
     Operation("POST", "/api/v1/auth/token", issue_token, "auth", (200, Token), Credentials,
               errors=(400, 401, 413, 415)),
     Operation("POST", "/api/v1/auth/logout", logout, "auth", (204, None), errors=(401,), signed_in=True),
-    Operation("GET", "/api/v1/books", list_books, "books", (200, BookPage), query=BookQuery, errors=(400,)),
+    Operation("GET", "/api/v1/books", list_books, "books", (200, BookPage), query=BookQuery, errors=(400, 401)),
     Operation("POST", "/api/v1/books", create_book, "books", (201, Book), BookIn,
               errors=(400, 401, 409, 413, 415), signed_in=True),
-    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 404)),
+    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 401, 404)),
     Operation("PUT", "/api/v1/books/{id:int}", replace_book, "books", (200, Book), BookIn,
               errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True),
     Operation("PATCH", "/api/v1/books/{id:int}", patch_book, "books", (200, Book), BookPatch,
@@ -916,8 +917,8 @@ OPERATIONS = [
 
 
 OPERATIONS += [
-    Operation("GET", "/openapi.json", openapi, "docs", (200, None)),
-    Operation("GET", "/docs", docs, "docs", (200, None)),
+    Operation("GET", "/openapi.json", openapi, "docs", (200, {"type": "object"})),
+    Operation("GET", "/docs", docs, "docs", (200, {"type": "string"}), media_type="text/html"),
 ]
 
 # == The OpenAPI document =========================================================================
@@ -936,7 +937,7 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
     status, type_ = operation.ok
     success: dict[str, Any] = {"description": HTTPStatus(status).phrase}
     if type_ is not None:
-        success["content"] = {JSON: {"schema": ref(type_)}}
+        success["content"] = {operation.media_type: {"schema": type_ if isinstance(type_, dict) else ref(type_)}}
     headers = {}
     if status == 201:
         headers["Location"] = {"description": "The new resource's URL", "schema": {"type": "string"}}
@@ -948,7 +949,7 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
         success["headers"] = headers
     responses = {str(status): success}
     counted = operation.path.startswith("/api/")
-    for error in sorted({*operation.errors, *((429, 500, 503) if counted else ())}):
+    for error in sorted({*operation.errors, 500, *((429, 503) if counted else ())}):
         responses[str(error)] = ({"description": "Not Modified: your copy is current"} if error == 304 else
                                  {"description": HTTPStatus(error).phrase, "content": problem_content()})
     return responses
@@ -979,13 +980,14 @@ def describe_parameters(operation: Operation, path: str) -> list[dict[str, Any]]
 @functools.cache
 def openapi_document(root_path: str) -> bytes:
     """The OpenAPI 3.1 document, for an app served under `root_path` (made once per prefix)."""
-    types = {Problem} | {t for op in OPERATIONS for t in (op.ok[1], op.body) if t is not None}
+    types = {Problem} | {t for op in OPERATIONS for t in (op.ok[1], op.body) if isinstance(t, type)}
     _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
                                                 ref_template="#/components/schemas/{name}")
     paths: dict[str, dict[str, Any]] = {}
     for operation in OPERATIONS:
         path = re.sub(r"\{(\w+):\w+\}", r"{\1}", operation.path)
-        summary, _, description = (operation.handler.__doc__ or "").partition("\n")
+        summary, _, description = " ".join((operation.handler.__doc__ or "").split()).partition(". ")
+        summary += "." if description else ""
         spec: dict[str, Any] = {
             "operationId": operation.handler.__name__, "tags": [operation.tag],
             "summary": summary.strip(), "description": " ".join(description.split()),
