@@ -7,6 +7,7 @@ SQL lives in store.py; passwords, tokens and permission rules in auth.py.
 
     python api.py                       serve on http://127.0.0.1:8000 (SQLite in ./quire.db)
     python api.py create-admin EMAIL NAME    make or promote an admin (password on stdin)
+    python api.py demo                  a sample user and a few books in an empty database
 """
 
 import asyncio
@@ -1115,7 +1116,40 @@ async def create_admin(store: storage.Store, email: str, name: str, password: st
         await store.disconnect()
 
 
+DEMO_USER = {"email": "demo@example.com", "name": "Demo", "password": "demo password"}
+DEMO_BOOKS = [
+    {"title": "Clean Code", "author": "Robert C. Martin", "year": 2008, "pages": 464, "isbn": "9780132350884"},
+    {"title": "Structure and Interpretation of Computer Programs", "author": "Harold Abelson",
+     "year": 1996, "pages": 657, "isbn": "9780262510875"},
+    {"title": "The Pragmatic Programmer", "author": "Andrew Hunt", "year": 1999, "pages": 352, "isbn": None},
+    {"title": "Fluent Python", "author": "Luciano Ramalho", "year": 2022, "pages": 1012, "isbn": "9781492056355"},
+    {"title": "Designing Data-Intensive Applications", "author": "Martin Kleppmann", "year": 2017,
+     "pages": 616, "isbn": "9781449373320"},
+]
+
+
+async def fill_demo(store: storage.Store) -> str:
+    """Give an empty database a sample user and a few books, so /docs has something to show."""
+    try:
+        await store.connect()
+        if await store.list_books(limit=1, sort="id", author=None, q=None, after=None):
+            return "The database already has books; nothing added."
+        user = await store.get_login(DEMO_USER["email"])
+        if user is None:
+            user = await store.create_user(email=DEMO_USER["email"], name=DEMO_USER["name"],
+                                           password_hash=await auth.hash_password(DEMO_USER["password"]))
+        for book in DEMO_BOOKS:
+            await store.create_book(owner_id=user["id"], fields=book)
+        return (f"Added {len(DEMO_BOOKS)} books and the user {DEMO_USER['email']} "
+                f"(password: {DEMO_USER['password']!r}); sign in at /docs.")
+    finally:
+        await store.disconnect()
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["demo"]:
+        print(asyncio.run(fill_demo(create_app().state.quire.store)))
+        return 0
     if argv[:1] == ["create-admin"] and len(argv) == 3:
         app = create_app()
         password = read_password()
@@ -1126,7 +1160,7 @@ def main(argv: list[str]) -> int:
             return 2
         return 0
     if argv:
-        print("usage: python api.py [create-admin EMAIL NAME]", file=sys.stderr)
+        print("usage: python api.py [demo | create-admin EMAIL NAME]", file=sys.stderr)
         return 2
     import uvicorn
 

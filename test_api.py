@@ -3730,3 +3730,20 @@ def test_in_a_browser_swagger_ui_renders_authorizes_and_tries_it_out(make_app, p
             assert browser.problems(origin) == []
     finally:
         browser.close()
+
+
+# == The demo data ================================================================================
+
+
+def test_demo_fills_an_empty_database_once_with_a_user_who_can_sign_in(database_url, make_app):
+    first = run_python(None, "demo", env={"DATABASE_URL": database_url})
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"Added {len(api.DEMO_BOOKS)} books")
+    again = run_python(None, "demo", env={"DATABASE_URL": database_url})
+    assert again.stdout.strip() == "The database already has books; nothing added."
+    with TestClient(make_app()) as client:
+        books = client.get(BOOKS, params={"limit": 100}).json()["items"]
+        assert [book["title"] for book in books] == [book["title"] for book in api.DEMO_BOOKS]
+        token = token_for(client, api.DEMO_USER["email"], api.DEMO_USER["password"])
+        me = client.get(ME, headers=bearer(token)).json()
+        assert {book["owner_id"] for book in books} == {me["id"]}
