@@ -598,14 +598,13 @@ def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | No
     return after
 
 
-def page(request: Request, query: Struct, items: list, cursor: str | None) -> tuple[str | None, dict[str, str]]:
+def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str | None, dict[str, str]]:
     """The `next` URL (same parameters, new cursor) and the matching `Link` header."""
     if cursor is None:
         return None, {}
     params = {name: getattr(query, name) for name in query.__struct_fields__
               if name != "cursor" and (name == "limit" or name in request.query_params)}
-    url = app_path(request, request.url.path[len(request.scope.get("root_path", "")):]) + "?" + urlencode(
-        {**params, "cursor": cursor})
+    url = request.url.path + "?" + urlencode({**params, "cursor": cursor})  # the path carries any mount prefix
     return url, {"Link": f'<{url}>; rel="next"'}
 
 
@@ -689,7 +688,7 @@ async def list_users(request: Request) -> Response:
                                       after=after[0] if after else None)
     items = rows[: query.limit]
     cursor = make_cursor(key, query, [items[-1]["id"]]) if len(rows) > query.limit else None
-    next_url, headers = page(request, query, items, cursor)
+    next_url, headers = next_page(request, query, cursor)
     return json_response(UserPage(items=msgspec.convert(items, list[User]), next=next_url), headers=headers)
 
 
@@ -759,7 +758,7 @@ async def list_books(request: Request) -> Response:
     cursor = None
     if len(rows) > query.limit:
         cursor = make_cursor(key, query, [items[-1]["title"], items[-1]["id"]])
-    next_url, headers = page(request, query, items, cursor)
+    next_url, headers = next_page(request, query, cursor)
     return json_response(BookPage(items=msgspec.convert(items, list[Book]), next=next_url), headers=headers)
 
 
