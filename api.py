@@ -714,8 +714,8 @@ def book_response(book: storage.Row, status: int = 200, headers: dict[str, str] 
     return json_response(msgspec.convert(book, Book), status, {"ETag": etag(book), **(headers or {})})
 
 
-async def changeable_book(request: Request) -> tuple[storage.Row, storage.Row]:
-    """The signed-in caller and the book in the path, if the caller may change it.
+async def changeable_book(request: Request) -> storage.Row:
+    """The book in the path, if the signed-in caller may change it.
 
     :raise 401: no valid token.  :raise 404: no such book.  :raise 403: not the owner nor an admin.
     """
@@ -725,7 +725,7 @@ async def changeable_book(request: Request) -> tuple[storage.Row, storage.Row]:
         raise HTTPProblem(404, f"There is no book with id {request.path_params['id']}.")
     if not auth.can_change_book(user, book):
         raise HTTPProblem(403, "Only the book's owner or an admin may change it.")
-    return user, book
+    return book
 
 
 def expected_version(request: Request, book: storage.Row) -> int | None:
@@ -785,7 +785,7 @@ async def get_book(request: Request) -> Response:
 
 async def write_book(request: Request, body: bytes, type_: type[Struct]) -> Response:
     """PUT and PATCH: decode, then one conditional UPDATE; 412 if someone else wrote first."""
-    _, book = await changeable_book(request)
+    book = await changeable_book(request)
     changes = decode(body, type_)
     fields = {name: value for name, value in msgspec.structs.asdict(changes).items() if value is not UNSET}
     fields = normalise_isbn(fields)
@@ -817,7 +817,7 @@ async def patch_book(request: Request) -> Response:
 
 async def delete_book(request: Request) -> Response:
     """Delete a book (owner or admin); its id is never used again."""
-    _, book = await changeable_book(request)
+    book = await changeable_book(request)
     version = expected_version(request, book)
     if not await quire(request).store.delete_book(book["id"], version=version):
         raise await lost_race(request, book["id"])

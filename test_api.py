@@ -70,8 +70,9 @@ def cheap_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth, "SCRYPT_P", 1)
 
 
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(POSTGRES.replace("postgresql://", "postgres://", 1))
+async def _admin(sql: str, server: str | None = None) -> None:
+    """Run one statement on the server's maintenance database (TEST_DATABASE_URL by default)."""
+    connection = await asyncpg.connect((server or POSTGRES).replace("postgresql://", "postgres://", 1))
     try:
         await connection.execute(sql)
     finally:
@@ -2183,23 +2184,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def pg_admin(sql: str) -> None:
-    connection = await asyncpg.connect(PG_SERVER.replace("postgresql://", "postgres://", 1))
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @contextlib.contextmanager
 def throwaway_postgres_database() -> Iterator[str]:
     """The name of a new, empty PostgreSQL database, dropped afterwards."""
     name = f"quire_ops_{uuid.uuid4().hex[:12]}"
-    asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"', PG_SERVER))
     try:
         yield name
     finally:
-        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', PG_SERVER))
 
 
 @pytest.fixture
