@@ -25,10 +25,10 @@ import logging
 import math
 import os
 import re
+import secrets
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -313,8 +313,12 @@ log = logging.getLogger("quire")
 
 
 def log_json(**fields: Any) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z", **fields}
-    log.info(encoder.encode(fields).decode())
+    # makeRecord + handle is what log.info() does, minus the walk up the stack for the caller's
+    # file and line, which the JSON line does not show; this runs for every request.
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, encoder.encode(fields).decode(), None, None))
 
 
 class RequestMiddleware:
@@ -337,7 +341,7 @@ class RequestMiddleware:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
         if not REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
+            request_id = secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
         route_path = scope["path"][len(scope.get("root_path", "")):]
         private = route_path.startswith(("/api/v1/users", "/api/v1/auth"))
@@ -347,11 +351,11 @@ class RequestMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                response_headers = MutableHeaders(scope=message)
-                response_headers["X-Request-ID"] = request_id
-                response_headers["X-Content-Type-Options"] = "nosniff"
+                # Appended, not set: no handler sends these two, and set would search the list.
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode()),
+                                      (b"x-content-type-options", b"nosniff")]
                 if private:
-                    response_headers["Cache-Control"] = "no-store"
+                    MutableHeaders(scope=message)["Cache-Control"] = "no-store"
             await send(message)
 
         try:
@@ -604,7 +608,8 @@ def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str 
         return None, {}
     params = {name: getattr(query, name) for name in query.__struct_fields__
               if name != "cursor" and (name == "limit" or name in request.query_params)}
-    url = request.url.path + "?" + urlencode({**params, "cursor": cursor})  # the path carries any mount prefix
+    # The route matched this path exactly, so it holds no client text, only any mount prefix.
+    url = request.scope["path"] + "?" + urlencode({**params, "cursor": cursor})
     return url, {"Link": f'<{url}>; rel="next"'}
 
 
@@ -1025,7 +1030,9 @@ def routes(operations: list[Operation]) -> list[Route]:
             return await handlers["GET" if request.method == "HEAD" else request.method](request)
         return endpoint
 
-    return [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
+    # Starlette tries routes in order and most requests are for books, so books come first.
+    paths = sorted(by_path, key=lambda path: not path.startswith("/api/v1/books"))
+    return [Route(path, dispatch(by_path[path]), methods=list(by_path[path])) for path in paths]
 
 
 # == The app ======================================================================================
