@@ -124,6 +124,10 @@ def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return re.sub(r"(?<!:):([a-z_][a-z0-9_]*)", number, sql), tuple(names)
 
 
+async def keep_session(connection: asyncpg.Connection) -> None:
+    """asyncpg's pool still rolls back a transaction left open; there is nothing else to undo."""
+
+
 class Store:
     """One database, connected when first needed and re-connected after it went away."""
 
@@ -134,8 +138,11 @@ class Store:
             # busy timeout (seconds): another worker process may hold the write lock briefly.
             options: dict[str, Any] = {"timeout": 5.0}
         else:
-            # A dead server should cost a request seconds, not asyncpg's default minute.
-            options = {"min_size": 1, "max_size": pool_size, "timeout": 5}
+            # A dead server should cost a request seconds, not asyncpg's default minute. quire
+            # leaves no session state on a connection (no SET, LISTEN, cursors or session-level
+            # advisory locks), so the pool can skip the reset query it would otherwise send each
+            # time a connection comes back: one round trip fewer per query.
+            options = {"min_size": 1, "max_size": pool_size, "timeout": 5, "reset": keep_session}
         self.database = databases.Database(url, **options)
         self._connected = False
         self._connect_lock: asyncio.Lock | None = None
