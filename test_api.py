@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -2704,6 +2705,29 @@ def test_an_app_started_while_the_database_is_down_serves_once_it_comes_up(make_
         _, headers = signed_in_user(client)
         assert client.post(BOOKS, json=BOOK, headers=headers).status_code == 201
         assert len(client.get(BOOKS).json()["items"]) == 1
+
+
+def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_a_503_and_reads_go_on(tmp_path):
+    """Another process (here a plain sqlite3 connection) holds SQLite's write lock for longer
+    than the 5 s busy timeout: the write is answered 503 with Retry-After, not a 500, reads are
+    served meanwhile (WAL), and once the lock is gone the same write succeeds."""
+    path = tmp_path / "locked.db"
+    app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{path}", rate_limit=0)
+    with TestClient(app) as client:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers)
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            assert_unavailable(client.post(BOOKS, json=book_fields(title="Blocked"), headers=headers))
+            assert time.monotonic() - started >= 4.5  # it waited for the busy timeout first
+            assert client.get(f"{BOOKS}/{book['id']}").json() == book
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert [item["title"] for item in client.get(BOOKS).json()["items"]] == ["Clean Code"]
+        assert client.post(BOOKS, json=book_fields(title="Blocked"), headers=headers).status_code == 201
 
 
 # == Durability: real server processes ============================================================
