@@ -13,8 +13,8 @@ lookup costs). So quire holds its connections:
   or transaction at a time (several worker processes wait for each other through the busy
   timeout), and two readers (WAL lets them read while a write is under way). Reads that use an
   index — every read but the `q` search — run on a plain `sqlite3` connection right on the event
-  loop: a primary-key lookup takes ~7 µs there, against ~60 µs for the hop to aiosqlite's thread
-  and back, so the hop would cost more than the query. The `q` search scans the table (~1 ms
+  loop: a primary-key lookup takes ~9 µs there, against ~50 µs through aiosqlite's thread and
+  back, so the hop would cost more than the query. The `q` search scans the table (~1 ms
   per 10,000 books), which must not stall the loop, so it goes to the threaded reader.
 - PostgreSQL: a pool; each query borrows a connection for as long as it runs.
 
