@@ -187,6 +187,8 @@ class Store:
             self._reader = await self._hold_connection()
             # A read waits at most 0.2 s for a lock, because it waits with the loop stopped; under
             # WAL only a crash recovery or a checkpoint that resets the log makes a reader wait.
+            # Only the loop's thread uses it, but that thread may change between event loops (one
+            # TestClient after another), hence check_same_thread=False.
             self._loop_reader = sqlite3.connect(self.database.url.database, timeout=0.2,
                                                 isolation_level=None, check_same_thread=False)
             self._loop_reader.execute("PRAGMA query_only = ON")
