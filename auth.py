@@ -21,9 +21,9 @@ from typing import Any
 
 # -- passwords -----------------------------------------------------------------------------------
 
-# One of OWASP's equivalent scrypt settings (N=2**13, r=8, p=10): the cost of N=2**14, p=5, some
-# 250 ms of one core per hash, in half the memory (8 MiB), so that two hashes at once keep a
-# worker under 80 MiB. The stored form names its scheme and parameters, so changing them later
+# One of OWASP's equivalent scrypt settings (N=2**13, r=8, p=10): the cost of N=2**14, p=5 (some
+# 0.1 s of one core per hash here, idle), in half the memory (8 MiB), so that two hashes at once
+# keep a worker under 80 MiB. The stored form names its scheme and parameters, so changing them later
 # needs no migration: old hashes still verify with the parameters they were made with.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**13, 8, 10
 # Two hashes at a time at most: bounds their memory (2 x 8 MiB) and leaves a core for requests.

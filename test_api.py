@@ -65,7 +65,7 @@ PRODUCTION_SCRYPT = (auth.SCRYPT_N, auth.SCRYPT_R, auth.SCRYPT_P)  # before chea
 
 @pytest.fixture(autouse=True)
 def cheap_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hash with a small scrypt cost: the production cost (~300 ms a hash here) would make the
+    """Hash with a small scrypt cost: the production cost (~0.1 s a hash here) would make the
     suite take minutes. Hashes describe their parameters, so everything else runs unchanged;
     `test_passwords_are_stored_with_owasp_parameters` checks the real cost."""
     monkeypatch.setattr(auth, "SCRYPT_N", 2**10)
