@@ -608,8 +608,7 @@ def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str 
         return None, {}
     params = {name: getattr(query, name) for name in query.__struct_fields__
               if name != "cursor" and (name == "limit" or name in request.query_params)}
-    # The route matched this path exactly, so it holds no client text, only any mount prefix.
-    url = request.scope["path"] + "?" + urlencode({**params, "cursor": cursor})
+    url = request.url.path + "?" + urlencode({**params, "cursor": cursor})  # the path carries any mount prefix
     return url, {"Link": f'<{url}>; rel="next"'}
 
 

@@ -185,13 +185,24 @@ class Store:
             self._write_lock = asyncio.Lock()
             self._writer = await self._hold_connection()
             self._reader = await self._hold_connection()
-            # A read waits at most 0.2 s for a lock, because it waits with the loop stopped; under
-            # WAL only a crash recovery or a checkpoint that resets the log makes a reader wait.
-            # Only the loop's thread uses it, but that thread may change between event loops (one
-            # TestClient after another), hence check_same_thread=False.
-            self._loop_reader = sqlite3.connect(self.database.url.database, timeout=0.2,
-                                                isolation_level=None, check_same_thread=False)
-            self._loop_reader.execute("PRAGMA query_only = ON")
+            self._loop_reader = await self._open_loop_reader()
+
+    async def _open_loop_reader(self) -> sqlite3.Connection | None:
+        """A plain sqlite3 connection to the writer's own file, or None for an in-memory database
+        (which another connection would not see); reads then all go to the threaded reader."""
+        # Ask the writer which file it opened: `databases` builds the name from the whole URL,
+        # query string included, so the URL's path alone may name another file.
+        main = next(row for row in await self._writer.raw_connection.execute_fetchall("PRAGMA database_list")
+                    if row["name"] == "main")
+        if not main["file"]:
+            return None
+        # A read waits at most 0.2 s for a lock, because it waits with the loop stopped; under
+        # WAL only a crash recovery or a checkpoint that resets the log makes a reader wait.
+        # Only the loop's thread uses it, but that thread may change between event loops (one
+        # TestClient after another), hence check_same_thread=False.
+        reader = sqlite3.connect(main["file"], timeout=0.2, isolation_level=None, check_same_thread=False)
+        reader.execute("PRAGMA query_only = ON")
+        return reader
 
     async def _hold_connection(self) -> databases.core.Connection:
         """A connection of our own for the app's life, not the per-task one `connection()` gives."""
@@ -243,7 +254,8 @@ class Store:
                 raise Conflict(str(error).rsplit(".", 1)[-1]) from error
             raise
         except sqlite3.OperationalError as error:
-            if getattr(error, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            # The primary code: extended ones (SQLITE_BUSY_RECOVERY, ...) mean the same here.
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise Unavailable("the database stayed locked past the busy timeout") from error
             raise
         except asyncpg.UniqueViolationError as error:
@@ -265,7 +277,7 @@ class Store:
             if write:
                 async with self._write_lock:
                     return await self._sqlite(self._writer, sql, values)
-            if scan:
+            if scan or self._loop_reader is None:
                 return await self._sqlite(self._reader, sql, values)
             cursor = self._loop_reader.execute(sql, values)
             columns = [column[0] for column in cursor.description]

@@ -2140,6 +2140,42 @@ def test_a_mounted_app_writes_its_prefix_into_location_next_and_link(make_app):
             client.portal.call(shop.state.quire.store.disconnect)
 
 
+def test_a_mount_prefix_with_reserved_characters_stays_escaped_in_next_and_link(make_app):
+    """A parametrised mount takes its prefix from the client: `?`, `#` and a backslash in it must
+    stay percent-encoded in the links the API writes, or a link would point somewhere else."""
+    shop = make_app()
+    parent = Starlette(routes=[Mount("/t/{tenant}", app=shop)])
+    with TestClient(parent) as client:
+        try:
+            assert client.post("/t/x/api/v1/users", json={"email": "t@example.com", "name": "T",
+                                                          "password": PASSWORD}).status_code == 201
+            token = client.post("/t/x/api/v1/auth/token",
+                                json={"email": "t@example.com", "password": PASSWORD}).json()["access_token"]
+            for n in range(2):
+                assert client.post("/t/x/api/v1/books", json=book_fields(title=f"Book {n}"),
+                                   headers=bearer(token)).status_code == 201
+            for prefix in ("/t/a%3Fb%23c", "/t/%5Cevil.example"):
+                page = client.get(f"{prefix}/api/v1/books?limit=1")
+                assert page.status_code == 200, page.text
+                next_url = page.json()["next"]
+                assert next_url.startswith(f"{prefix}/api/v1/books?limit=1&cursor="), next_url
+                assert page.headers["link"] == f'<{next_url}>; rel="next"'
+        finally:
+            client.portal.call(shop.state.quire.store.disconnect)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/quire.db?cache=private", "sqlite:///file::memory:?cache=shared"])
+def test_a_sqlite_url_with_a_query_string_reads_what_it_wrote(tmp_path, url):
+    """`databases` opens the file named by the whole URL, query string included (or a shared
+    in-memory database); the reads that run on the event loop must see that same database."""
+    app = api.create_app(config=api.Config(environ={}), database_url=url.format(tmp=tmp_path), rate_limit=0)
+    with TestClient(app) as client:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers)
+        assert client.get(f"{BOOKS}/{book['id']}").json() == book
+        assert client.get(BOOKS).json()["items"] == [book]
+
+
 # == Operations: limits, CORS, faults, durability, embedding =======================================
 
 BOOK = {"title": "Clean Code", "author": "Robert C. Martin"}
