@@ -488,7 +488,10 @@ def quire(request: Request) -> Quire:
 
 def app_path(request: Request, path: str) -> str:
     """A URL path for this app, with the prefix it is mounted under (or served behind)."""
-    return request.scope.get("root_path", "") + path
+    prefix = request.scope.get("root_path", "")
+    # Escaped as Starlette escapes request.url: a parametrised mount takes its prefix from the
+    # client, and a bare `?`, `#` or backslash would make the URL point somewhere else.
+    return prefix.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C") + path
 
 
 async def read_json(request: Request, *media_types: str) -> bytes:
@@ -863,12 +866,12 @@ DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
 
 async def openapi(request: Request) -> Response:
     """This API's OpenAPI 3.1 document; its server URL carries any mount prefix."""
-    return Response(openapi_document(request.scope.get("root_path", "")), media_type=JSON)
+    return Response(openapi_document(app_path(request, "")), media_type=JSON)
 
 
 async def docs(request: Request) -> Response:
     """Swagger UI for this API, served from the app (no CDN)."""
-    page_html = DOCS_PAGE.format(root=html.escape(request.scope.get("root_path", "")))
+    page_html = DOCS_PAGE.format(root=html.escape(app_path(request, "")))
     return HTMLResponse(page_html, headers={"Content-Security-Policy": DOCS_POLICY})
 
 
@@ -981,7 +984,7 @@ def describe_parameters(operation: Operation, path: str) -> list[dict[str, Any]]
     return parameters
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # bounded: under a parametrised mount, clients choose the prefix
 def openapi_document(root_path: str) -> bytes:
     """The OpenAPI 3.1 document, for an app served under `root_path` (made once per prefix)."""
     types = {Problem} | {t for op in OPERATIONS for t in (op.ok[1], op.body) if isinstance(t, type)}

@@ -2142,7 +2142,8 @@ def test_a_mounted_app_writes_its_prefix_into_location_next_and_link(make_app):
 
 def test_a_mount_prefix_with_reserved_characters_stays_escaped_in_next_and_link(make_app):
     """A parametrised mount takes its prefix from the client: `?`, `#` and a backslash in it must
-    stay percent-encoded in the links the API writes, or a link would point somewhere else."""
+    stay percent-encoded in the URLs the API writes (next, Link, Location, the document's server),
+    or a URL would point somewhere else."""
     shop = make_app()
     parent = Starlette(routes=[Mount("/t/{tenant}", app=shop)])
     with TestClient(parent) as client:
@@ -2155,6 +2156,10 @@ def test_a_mount_prefix_with_reserved_characters_stays_escaped_in_next_and_link(
                 assert client.post("/t/x/api/v1/books", json=book_fields(title=f"Book {n}"),
                                    headers=bearer(token)).status_code == 201
             for prefix in ("/t/a%3Fb%23c", "/t/%5Cevil.example"):
+                created = client.post(f"{prefix}/api/v1/books", json=book_fields(title=f"In {prefix}"),
+                                      headers=bearer(token))
+                assert created.headers["location"] == f"{prefix}/api/v1/books/{created.json()['id']}"
+                assert client.get(f"{prefix}/openapi.json").json()["servers"] == [{"url": prefix}]
                 page = client.get(f"{prefix}/api/v1/books?limit=1")
                 assert page.status_code == 200, page.text
                 next_url = page.json()["next"]
