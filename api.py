@@ -1,9 +1,15 @@
 """quire's HTTP API: a small bookstore on Starlette and msgspec.
 
-api.py is the only module that knows HTTP. It declares the request and response bodies as msgspec
-Structs, the operations (one table, from which both the routes and the OpenAPI document are made),
-the errors as RFC 9457 problem details, the middleware, `create_app()` and the command line.
-SQL lives in store.py; passwords, tokens and permission rules in auth.py.
+api.py is quire's own story, read top to bottom: its configuration, the request and response
+bodies (msgspec Structs), the handlers, the table of operations (from which the routes, the
+OpenAPI document and the middleware's view of paths are all made), `create_app()` and the
+command line. It leans on four modules, each with one role:
+
+    web.py      HTTP plumbing any JSON API needs: problems, strict request reading, cursors,
+                routes from the operations table, the middleware (request ids, limits, logs)
+    openapi.py  the OpenAPI 3.1 document made from the operations table, and /docs
+    store.py    SQL: migrations, queries, transactions
+    auth.py     passwords, tokens and the permission rules
 
     python api.py                       serve on http://127.0.0.1:8000 (SQLite in ./quire.db)
     python api.py create-admin EMAIL NAME    make or promote an admin (password on stdin)
@@ -11,46 +17,31 @@ SQL lives in store.py; passwords, tokens and permission rules in auth.py.
 """
 
 import asyncio
-import base64
-import collections
 import contextlib
 import dataclasses
-import functools
-import datetime
 import getpass
-import hashlib
-import hmac
-import html
-import logging
-import math
 import os
 import re
-import secrets
 import sys
-import time
-import traceback
-from collections.abc import Awaitable, Callable
-from http import HTTPStatus
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlencode
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
-import openapi_ui_bundles
 from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.applications import Starlette
 from starlette.config import Config
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import HTMLResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import Request
+from starlette.responses import Response
 
 import auth
+import openapi
 import store as storage
+import web
+from web import (JSON, MERGE_PATCH, HTTPProblem, Operation, app_path, decode, encoder, etag_matches,
+                 json_response, make_cursor, next_page, parse_query, path_id, problem_response, read_cursor,
+                 read_json)
 
 # == Configuration ================================================================================
 
@@ -99,7 +90,11 @@ class Settings:
 
 
 class RequestBody(Struct, forbid_unknown_fields=True):
-    pass
+    # msgspec words a failed pattern as the regex itself; a person reads these instead.
+    pattern_messages: ClassVar[dict[str, str]] = {
+        "title": "Expected text that is not only whitespace",
+        "author": "Expected text that is not only whitespace",
+        "email": "Expected an email address like ada@example.com"}
 
 
 Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"\S",
@@ -194,17 +189,6 @@ class Status(Struct):
     status: str
 
 
-class Problem(Struct, omit_defaults=True):
-    """An RFC 9457 problem; `errors` names the bad fields (`pointer`) or query parameters."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, str]] = []
-    request_id: str | None = None
-
-
 # Query strings are checked like bodies: converted into a Struct, unknown parameters refused.
 
 
@@ -222,78 +206,11 @@ class UserQuery(RequestBody):
     sort: Literal["id", "-id"] = "id"
 
 
-encoder = msgspec.json.Encoder()
-T = TypeVar("T")
-JSON = "application/json"
-MERGE_PATCH = "application/merge-patch+json"
-
-# == Errors =======================================================================================
-# Everything that goes wrong becomes an `HTTPProblem`, raised anywhere and answered in one place
-# (`problem_response`) as application/problem+json.
-
-
-class HTTPProblem(Exception):
-    def __init__(self, status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers or {}
-
-
-TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-          405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
-          413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
-          500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-def problem_response(status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
-                     headers: dict[str, str] | None = None, request_id: str | None = None) -> Response:
-    problem = Problem(type="about:blank", title=TITLES.get(status, "Error"), status=status, detail=detail,
-                      errors=errors or [], request_id=request_id)
-    return Response(encoder.encode(problem), status, headers, "application/problem+json")
+# == Errors quire adds to web.py's =================================================================
 
 
 def unauthorized(detail: str) -> HTTPProblem:
     return HTTPProblem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="quire"'})
-
-
-# msgspec words a failed pattern as the regex itself; a person reads these instead.
-PATTERN_MESSAGES = {"title": "Expected text that is not only whitespace",
-                    "author": "Expected text that is not only whitespace",
-                    "email": "Expected an email address like ada@example.com"}
-
-
-def invalid_body(error: Exception) -> HTTPProblem:
-    """A 400 for a body msgspec refused, with a JSON pointer to the first bad field."""
-    message = str(error)
-    if isinstance(error, UnicodeDecodeError):
-        return HTTPProblem(400, "The body is not valid UTF-8.", errors=[{"pointer": "#", "detail": "invalid UTF-8"}])
-    if isinstance(error, RecursionError):
-        message = "JSON is nested too deeply"
-    message = re.sub(r"Expected `str` matching regex '.*'", lambda _: PATTERN_MESSAGES.get(
-        re.search(r"`\$\.(\w+)`", message).group(1), "Expected a different format"), message)
-    path = re.search(r" - at `\$(.*)`$", message)
-    field = re.search(r"(?:missing required|unknown) field `(.+)`", message)
-    if path:
-        message = message[: path.start()]
-        pointer = "#" + re.sub(r"\.|\[(\d+)\]", lambda m: "/" + (m.group(1) or ""), path.group(1))
-    else:
-        pointer = f"#/{field.group(1)}" if field else "#"
-    return HTTPProblem(400, f"{message} ({pointer})", errors=[{"pointer": pointer, "detail": message}])
-
-
-def invalid_parameter(name: str, detail: str) -> HTTPProblem:
-    return HTTPProblem(400, f"Query parameter `{name}`: {detail}", errors=[{"parameter": name, "detail": detail}])
-
-
-async def on_problem(request: Request, error: HTTPProblem) -> Response:
-    return problem_response(error.status, error.detail, errors=error.errors, headers=error.headers)
-
-
-async def on_http_exception(request: Request, error: HTTPException) -> Response:
-    """Starlette's own 404 (no such route) and 405 (method not allowed, with `Allow`)."""
-    detail = {404: f"No route matches {request.url.path}.",
-              405: f"{request.method} is not allowed on {request.url.path}."}.get(error.status_code, error.detail)
-    return problem_response(error.status_code, detail, headers=error.headers)
 
 
 async def on_unavailable(request: Request, error: storage.Unavailable) -> Response:
@@ -303,166 +220,6 @@ async def on_unavailable(request: Request, error: storage.Unavailable) -> Respon
 async def on_conflict(request: Request, error: storage.Conflict) -> Response:
     detail = f"That {error.field} is already taken."
     return problem_response(409, detail, errors=[{"pointer": f"#/{error.field}", "detail": detail}])
-
-
-# == Middleware ===================================================================================
-# Pure ASGI middleware, not BaseHTTPMiddleware: it runs on every request, so it has to be cheap.
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-log = logging.getLogger("quire")
-
-
-def log_json(**fields: Any) -> None:
-    if not log.isEnabledFor(logging.INFO):
-        return
-    fields = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z", **fields}
-    # makeRecord + handle is what log.info() does, minus the walk up the stack for the caller's
-    # file and line, which the JSON line does not show; this runs for every request.
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, encoder.encode(fields).decode(), None, None))
-
-
-class RequestMiddleware:
-    """The outermost layer of every request.
-
-    Gives it an id (X-Request-ID), adds the headers every response carries, and writes one JSON
-    log line. Paths and statuses are logged; headers and bodies, where passwords and tokens
-    travel, never are.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")
-        if not REQUEST_ID.fullmatch(request_id):
-            request_id = secrets.token_hex(16)
-        scope.setdefault("state", {})["request_id"] = request_id
-        route_path = scope["path"][len(scope.get("root_path", "")):]
-        private = route_path.startswith(("/api/v1/users", "/api/v1/auth"))
-        status = 500  # what the log says if an exception escapes before a response starts
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                # Appended, not set: no handler sends these two, and set would search the list.
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode()),
-                                      (b"x-content-type-options", b"nosniff")]
-                if private:
-                    MutableHeaders(scope=message)["Cache-Control"] = "no-store"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            log_json(request_id=request_id, method=scope["method"], path=scope["path"], status=status,
-                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
-
-
-class GuardMiddleware:
-    """Refuses bodies over the limit without reading them (413), and turns an unexpected exception
-    into a 500 problem that shows no internals; the traceback goes to the log with the request id.
-
-    It sits inside the CORS layer, so that a browser may read these answers too.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = f"The body is larger than {self.max_body} bytes."
-        received, started = 0, False
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise HTTPProblem(413, too_large)
-            return message
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body:
-            return await problem_response(413, too_large)(scope, receive, send)
-        try:
-            await self.app(scope, receive_limited, send_tracked)
-        except Exception:
-            request_id = scope["state"].get("request_id")
-            log_json(request_id=request_id, error=traceback.format_exc())
-            if started:  # the response has begun: all that is left is to drop the connection
-                raise
-            response = problem_response(500, "Something went wrong on our side; the request id says where.",
-                                        request_id=request_id)
-            await response(scope, receive, send)
-
-
-class TokenBuckets:
-    """Per-client token buckets: `per_minute` requests a minute, in bursts of up to that many.
-
-    Memory is bounded: past `max_clients` the least recently seen client is forgotten (and
-    starts again with a full bucket), so a flood of distinct addresses cannot grow it.
-    """
-
-    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
-        self.capacity, self.rate, self.max_clients = per_minute, per_minute / 60, max_clients
-        self.buckets: collections.OrderedDict[Any, tuple[float, float]] = collections.OrderedDict()
-
-    def take(self, client: Any, now: float) -> float:
-        """Spend one token; 0 when allowed, else the seconds until a token is back."""
-        tokens, last = self.buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        allowed = tokens >= 1
-        if allowed:
-            tokens -= 1
-        self.buckets[client] = (tokens, now)  # (re)inserted last: the most recently seen
-        if len(self.buckets) > self.max_clients:
-            self.buckets.popitem(last=False)
-        return 0.0 if allowed else (1 - tokens) / self.rate
-
-
-# Requests that never count: probes and the docs.
-UNCOUNTED = ("/healthz", "/readyz", "/openapi.json", "/docs")
-STRICT = {("POST", "/api/v1/auth/token"), ("POST", "/api/v1/users")}
-
-
-class RateLimitMiddleware:
-    """429 with Retry-After once a client (its address as the server reports it) has used its
-    share: the general limit on every counted request, and a stricter one per route on signing
-    in and registering, where guessing passwords or mass sign-ups would happen. Per process."""
-
-    def __init__(self, app: ASGIApp, *, per_minute: int, auth_per_minute: int) -> None:
-        self.app = app
-        self.general = TokenBuckets(per_minute)
-        self.strict = TokenBuckets(auth_per_minute)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route_path = scope["path"][len(scope.get("root_path", "")):]
-        if route_path not in UNCOUNTED and not route_path.startswith("/docs/"):
-            client = scope["client"][0] if scope.get("client") else None
-            now = time.monotonic()
-            wait = self.general.take(client, now)
-            if (scope["method"], route_path) in STRICT:
-                wait = max(wait, self.strict.take((route_path, client), now))
-            if wait:
-                response = problem_response(429, "Too many requests; slow down and retry after the given seconds.",
-                                            headers={"Retry-After": str(math.ceil(wait))})
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
 
 
 # == Helpers for handlers =========================================================================
@@ -486,67 +243,6 @@ def quire(request: Request) -> Quire:
     return request.app.state.quire
 
 
-def app_path(request: Request, path: str) -> str:
-    """A URL path for this app, with the prefix it is mounted under (or served behind)."""
-    prefix = request.scope.get("root_path", "")
-    # Escaped as Starlette escapes request.url: a parametrised mount takes its prefix from the
-    # client, and a bare `?`, `#` or backslash would make the URL point somewhere else.
-    return prefix.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C") + path
-
-
-async def read_json(request: Request, *media_types: str) -> bytes:
-    """The raw body, after checking its media type (415); too large a body stops reading (413)."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    accepted = media_types or (JSON,)
-    if media_type not in accepted:
-        raise HTTPProblem(415, f"Send the body as {' or '.join(accepted)}, not {media_type or 'nothing'}.")
-    return body
-
-
-def decode(body: bytes, type_: type[T]) -> T:
-    """The body as a Struct, or a 400 naming the first bad field; NUL characters are refused too,
-    because PostgreSQL cannot store them."""
-    try:
-        value = msgspec.json.decode(body, type=type_)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise invalid_body(error) from None
-    for name in value.__struct_fields__:
-        if isinstance(text := getattr(value, name), str) and "\x00" in text:
-            detail = "Expected a string without NUL characters"
-            raise HTTPProblem(400, f"{detail} (#/{name})", errors=[{"pointer": f"#/{name}", "detail": detail}])
-    return value
-
-
-def parse_query(request: Request, type_: type[T]) -> T:
-    """The query string as a Struct; a 400 names the first bad, unknown or repeated parameter."""
-    items = request.query_params.multi_items()
-    seen: set[str] = set()
-    for name, _ in items:
-        if name in seen:
-            raise invalid_parameter(name, "Give this parameter once.")
-        seen.add(name)
-    try:
-        return msgspec.convert(dict(items), type_, strict=False)
-    except msgspec.ValidationError as error:
-        message = str(error)
-        name = re.search(r"`\$\.(\w+)`|field `(.+)`", message)
-        name = (name.group(1) or name.group(2)) if name else "query"
-        raise invalid_parameter(name, re.sub(r" - at `.*`$", "", message)) from None
-
-
-def path_id(request: Request) -> int:
-    """The `{id}` in the path; an id no row can have (0, or past 64 bits) is simply not found."""
-    value = request.path_params["id"]
-    if not 0 < value < 2**63:
-        raise HTTPProblem(404, f"There is no resource with id {value}.")
-    return value
-
-
-def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(encoder.encode(value), status, headers, JSON)
-
-
 async def signed_in(request: Request) -> storage.Row:
     """The caller, from `Authorization: Bearer`; 401 for no token or one that is bad, expired,
     revoked, or whose user is gone. The user's role is read now, so a promotion counts at once."""
@@ -566,70 +262,6 @@ async def signed_in(request: Request) -> storage.Row:
         raise unauthorized("The token was revoked, or its user no longer exists.")
     request.state.claims = claims
     return user
-
-
-# -- cursors: a page's position, signed so that a client cannot forge one -------------------------
-
-
-def make_cursor(key: bytes, query: Struct, position: list) -> str:
-    payload = encoder.encode({"list": type(query).__name__, "sort": query.sort,
-                              "filters": cursor_filters(query), "after": position})
-    signature = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
-    return base64.urlsafe_b64encode(payload + signature).decode().rstrip("=")
-
-
-def cursor_filters(query: Struct) -> list:
-    return [getattr(query, "author", None), getattr(query, "q", None)]
-
-
-def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | None:
-    """The position a cursor records, or a 400 when it is garbage, forged, or made for another
-    list, sort or filters than this request's. `shape` is the position's types, e.g. (str, int)."""
-    if query.cursor is None:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(query.cursor + "=" * (-len(query.cursor) % 4))
-        payload, signature = raw[:-12], raw[-12:]
-        expected = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
-        if not hmac.compare_digest(signature, expected):
-            raise ValueError
-        state = msgspec.json.decode(payload)
-    except (ValueError, msgspec.DecodeError):
-        raise invalid_parameter("cursor", "This cursor is not one this API made; use `next` as given.") from None
-    if (state.get("list"), state.get("sort"), state.get("filters")) != (
-            type(query).__name__, query.sort, cursor_filters(query)):
-        raise invalid_parameter("cursor", "This cursor belongs to another list, sort or filters.")
-    after = state.get("after")
-    if not isinstance(after, list) or [type(value) for value in after] != list(shape):
-        raise invalid_parameter("cursor", "This cursor is damaged.")
-    return after
-
-
-def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str | None, dict[str, str]]:
-    """The `next` URL (same parameters, new cursor) and the matching `Link` header."""
-    if cursor is None:
-        return None, {}
-    params = {name: getattr(query, name) for name in query.__struct_fields__
-              if name != "cursor" and (name == "limit" or name in request.query_params)}
-    url = request.url.path + "?" + urlencode({**params, "cursor": cursor})  # the path carries any mount prefix
-    return url, {"Link": f'<{url}>; rel="next"'}
-
-
-# -- conditional requests ------------------------------------------------------------------------
-
-
-def etag(book: storage.Row) -> str:
-    """Strong, and new on every write: the row's version goes up by one with each."""
-    return f'"{book["id"]}.{book["version"]}"'
-
-
-def etag_matches(header: str, current: str, *, weak: bool) -> bool:
-    """RFC 9110 list matching: `*` or any listed tag. Weak comparison ignores `W/`."""
-    for tag in header.split(","):
-        tag = tag.strip()
-        if tag == "*" or tag == current or (weak and tag.removeprefix("W/") == current):
-            return True
-    return False
 
 
 # == Users and tokens =============================================================================
@@ -715,6 +347,11 @@ def normalise_isbn(fields: dict[str, Any]) -> dict[str, Any]:
     else:
         return {**fields, "isbn": isbn}
     raise HTTPProblem(400, f"{detail} (#/isbn)", errors=[{"pointer": "#/isbn", "detail": detail}])
+
+
+def etag(book: storage.Row) -> str:
+    """Strong, and new on every write: the row's version goes up by one with each."""
+    return f'"{book["id"]}.{book["version"]}"'
 
 
 def book_response(book: storage.Row, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -831,7 +468,7 @@ async def delete_book(request: Request) -> Response:
     return Response(status_code=204)
 
 
-# == Operations ===================================================================================
+# == Probes ========================================================================================
 
 
 async def healthz(request: Request) -> Response:
@@ -845,196 +482,43 @@ async def readyz(request: Request) -> Response:
     return json_response(Status(status="ready"))
 
 
-# == Docs =========================================================================================
-# Swagger UI's files come from the openapi-ui-bundles package and are served by the app itself,
-# so /docs works without internet. The page runs no inline script, which lets its
-# Content-Security-Policy allow scripts from this origin only.
-
-DOCS_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>quire API</title>
-<link rel="stylesheet" href="{root}/docs/assets/swagger-ui.css"></head>
-<body><div id="swagger-ui" data-spec-url="{root}/openapi.json"></div>
-<script src="{root}/docs/assets/swagger-ui-bundle.js"></script>
-<script src="{root}/docs/init.js"></script></body></html>
-"""
-DOCS_SCRIPT = """const element = document.getElementById("swagger-ui");
-window.ui = SwaggerUIBundle({url: element.dataset.specUrl, dom_id: "#swagger-ui", deepLinking: true});
-"""
-DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src data:; "
-               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
-
-
-async def openapi(request: Request) -> Response:
-    """This API's OpenAPI 3.1 document; its server URL carries any mount prefix."""
-    return Response(openapi_document(app_path(request, "")), media_type=JSON)
-
-
-async def docs(request: Request) -> Response:
-    """Swagger UI for this API, served from the app (no CDN)."""
-    page_html = DOCS_PAGE.format(root=html.escape(app_path(request, "")))
-    return HTMLResponse(page_html, headers={"Content-Security-Policy": DOCS_POLICY})
-
-
-async def docs_script(request: Request) -> Response:
-    return Response(DOCS_SCRIPT, media_type="text/javascript")
-
-
-# == The route table ==============================================================================
-# One row per operation. The routes and the OpenAPI document are both made from this table, so a
-# new operation is written down exactly once.
-
-
-@dataclasses.dataclass(frozen=True)
-class Operation:
-    method: str
-    path: str
-    handler: Callable[[Request], Awaitable[Response]]
-    tag: str
-    ok: tuple[int, Any]  # the success status and the type of its body (None: no body)
-    body: Any = None
-    query: Any = None
-    errors: tuple[int, ...] = ()
-    signed_in: bool = False
-    media_type: str = JSON  # of the success body
-
+# == The operations ===============================================================================
+# One row per operation. The routes, the OpenAPI document and what the middleware knows of paths
+# (private, counted, strict) are all made from this table, so an operation is written down once.
+# Starlette tries routes in the table's order, and most requests are for books: books come first.
 
 OPERATIONS = [
-    Operation("GET", "/healthz", healthz, "operations", (200, Status)),
-    Operation("GET", "/readyz", readyz, "operations", (200, Status), errors=(503,)),
-    Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 409, 413, 415)),
-    Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
-              errors=(400, 401, 403), signed_in=True),
-    Operation("GET", "/api/v1/users/me", me, "users", (200, User), errors=(401,), signed_in=True),
-    Operation("GET", "/api/v1/users/{id:int}", get_user, "users", (200, User),
-              errors=(401, 403, 404), signed_in=True),
-    Operation("POST", "/api/v1/auth/token", issue_token, "auth", (200, Token), Credentials,
-              errors=(400, 401, 413, 415)),
-    Operation("POST", "/api/v1/auth/logout", logout, "auth", (204, None), errors=(401,), signed_in=True),
     Operation("GET", "/api/v1/books", list_books, "books", (200, BookPage), query=BookQuery, errors=(400, 401)),
     Operation("POST", "/api/v1/books", create_book, "books", (201, Book), BookIn,
-              errors=(400, 401, 409, 413, 415), signed_in=True),
-    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 401, 404)),
+              errors=(400, 401, 409, 413, 415), signed_in=True, etag=True),
+    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 401, 404),
+              etag=True, conditional="If-None-Match"),
     Operation("PUT", "/api/v1/books/{id:int}", replace_book, "books", (200, Book), BookIn,
-              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True),
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
     Operation("PATCH", "/api/v1/books/{id:int}", patch_book, "books", (200, Book), BookPatch,
-              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True),
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
     Operation("DELETE", "/api/v1/books/{id:int}", delete_book, "books", (204, None),
-              errors=(401, 403, 404, 412), signed_in=True),
+              errors=(401, 403, 404, 412), signed_in=True, conditional="If-Match"),
+    Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 409, 413, 415),
+              private=True, strict_limit=True),
+    Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
+              errors=(400, 401, 403), signed_in=True, private=True),
+    Operation("GET", "/api/v1/users/me", me, "users", (200, User), errors=(401,), signed_in=True, private=True),
+    Operation("GET", "/api/v1/users/{id:int}", get_user, "users", (200, User),
+              errors=(401, 403, 404), signed_in=True, private=True),
+    Operation("POST", "/api/v1/auth/token", issue_token, "auth", (200, Token), Credentials,
+              errors=(400, 401, 413, 415), private=True, strict_limit=True),
+    Operation("POST", "/api/v1/auth/logout", logout, "auth", (204, None), errors=(401,), signed_in=True,
+              private=True),
+    Operation("GET", "/healthz", healthz, "operations", (200, Status), counted=False),
+    Operation("GET", "/readyz", readyz, "operations", (200, Status), errors=(503,), counted=False),
 ]
 
-
-OPERATIONS += [
-    Operation("GET", "/openapi.json", openapi, "docs", (200, {"type": "object"})),
-    Operation("GET", "/docs", docs, "docs", (200, {"type": "string"}), media_type="text/html"),
-]
-
-# == The OpenAPI document =========================================================================
-# Made from OPERATIONS, the Structs (via msgspec's JSON Schema) and the handlers' docstrings.
-
-
-def ref(type_: Any) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{type_.__name__}"}
-
-
-def problem_content() -> dict[str, Any]:
-    return {"application/problem+json": {"schema": ref(Problem)}}
-
-
-def describe_responses(operation: Operation) -> dict[str, Any]:
-    status, type_ = operation.ok
-    success: dict[str, Any] = {"description": HTTPStatus(status).phrase}
-    if type_ is not None:
-        success["content"] = {operation.media_type: {"schema": type_ if isinstance(type_, dict) else ref(type_)}}
-    headers = {}
-    if status == 201:
-        headers["Location"] = {"description": "The new resource's URL", "schema": {"type": "string"}}
-    if type_ is Book:
-        headers["ETag"] = {"description": "Strong; changes on every write", "schema": {"type": "string"}}
-    if type_ in (BookPage, UserPage):
-        headers["Link"] = {"description": 'The next page, `<url>; rel="next"`', "schema": {"type": "string"}}
-    if headers:
-        success["headers"] = headers
-    responses = {str(status): success}
-    counted = operation.path.startswith("/api/")
-    for error in sorted({*operation.errors, 500, *((429, 503) if counted else ())}):
-        responses[str(error)] = ({"description": "Not Modified: your copy is current"} if error == 304 else
-                                 {"description": HTTPStatus(error).phrase, "content": problem_content()})
-    return responses
-
-
-def describe_parameters(operation: Operation, path: str) -> list[dict[str, Any]]:
-    parameters = []
-    if "{id}" in path:
-        parameters.append({"name": "id", "in": "path", "required": True,
-                           "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}})
-    if operation.query is not None:
-        (_,), components = msgspec.json.schema_components([operation.query])
-        schema = components[operation.query.__name__]
-        for name, property_schema in schema["properties"].items():
-            # An absent parameter is the Struct's None; a client cannot send null in a query string.
-            options = [option for option in property_schema.get("anyOf", []) if option != {"type": "null"}]
-            if options:
-                property_schema = options[0]
-            parameters.append({"name": name, "in": "query", "required": False, "schema": property_schema})
-    if operation.handler is get_book:
-        parameters.append({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}})
-    if operation.method in ("PUT", "PATCH", "DELETE"):
-        parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"},
-                           "description": "Only write if the book still has this ETag (else 412)"})
-    return parameters
-
-
-@functools.lru_cache(maxsize=64)  # bounded: under a parametrised mount, clients choose the prefix
-def openapi_document(root_path: str) -> bytes:
-    """The OpenAPI 3.1 document, for an app served under `root_path` (made once per prefix)."""
-    types = {Problem} | {t for op in OPERATIONS for t in (op.ok[1], op.body) if isinstance(t, type)}
-    _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
-                                                ref_template="#/components/schemas/{name}")
-    paths: dict[str, dict[str, Any]] = {}
-    for operation in OPERATIONS:
-        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", operation.path)
-        summary, _, description = " ".join((operation.handler.__doc__ or "").split()).partition(". ")
-        summary += "." if description else ""
-        spec: dict[str, Any] = {
-            "operationId": operation.handler.__name__, "tags": [operation.tag],
-            "summary": summary.strip(), "description": " ".join(description.split()),
-            "parameters": describe_parameters(operation, path),
-            "responses": describe_responses(operation)}
-        if operation.body is not None:
-            media_types = (JSON, MERGE_PATCH) if operation.method == "PATCH" else (JSON,)
-            spec["requestBody"] = {"required": True, "content": {
-                media_type: {"schema": ref(operation.body), "example": operation.body.example}
-                for media_type in media_types}}
-        if operation.signed_in:
-            spec["security"] = [{"bearer": []}]
-        paths.setdefault(path, {})[operation.method.lower()] = spec
-    return encoder.encode({
-        "openapi": "3.1.0",
-        "info": {"title": "quire", "version": "1.0.0",
-                 "description": "A small bookstore API. Sign in with POST /api/v1/auth/token, "
-                                "then press Authorize and paste the access_token."},
-        "servers": [{"url": root_path or "/"}],
-        "tags": [{"name": tag} for tag in dict.fromkeys(op.tag for op in OPERATIONS)],
-        "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
-    })
-
-
-def routes(operations: list[Operation]) -> list[Route]:
-    """One Route per path, carrying all of its methods, so that a 405 lists them all in `Allow`."""
-    by_path: dict[str, dict[str, Callable]] = {}
-    for operation in operations:
-        by_path.setdefault(operation.path, {})[operation.method] = operation.handler
-
-    def dispatch(handlers: dict[str, Callable]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            return await handlers["GET" if request.method == "HEAD" else request.method](request)
-        return endpoint
-
-    # Starlette tries routes in order and most requests are for books, so books come first.
-    paths = sorted(by_path, key=lambda path: not path.startswith("/api/v1/books"))
-    return [Route(path, dispatch(by_path[path]), methods=list(by_path[path])) for path in paths]
+DOCS = openapi.Docs(
+    OPERATIONS, title="quire", version="1.0.0",
+    description="A small bookstore API. Sign in with POST /api/v1/auth/token, "
+                "then press Authorize and paste the access_token.",
+    security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}})
 
 
 # == The app ======================================================================================
@@ -1062,34 +546,31 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
         try:
             await store.connect()
         except storage.Unavailable as error:
-            log_json(error=f"not connected at start-up, will retry on demand: {error}")
+            web.log_json(error=f"not connected at start-up, will retry on demand: {error}")
         yield
         await store.disconnect()
 
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-    middleware = [Middleware(RequestMiddleware)]
+    web.log_to_stderr()
+    operations = DOCS.operations
+    # A private operation's path and everything under it: `/api/v1/users/x` is a 404 about accounts too.
+    private = tuple({op.path.split("{")[0]: None for op in operations if op.private})
+    middleware = [Middleware(web.RequestMiddleware, private=private)]
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match"],
             expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After"], max_age=600))
-    middleware.append(Middleware(GuardMiddleware, max_body=settings.max_body))
+    middleware.append(Middleware(web.GuardMiddleware, max_body=settings.max_body))
     if settings.rate_limit:
-        middleware.append(Middleware(RateLimitMiddleware, per_minute=settings.rate_limit,
-                                     auth_per_minute=settings.auth_rate_limit))
-    docs_files = [Route("/docs/init.js", docs_script),
-                  Mount("/docs/assets", StaticFiles(directory=openapi_ui_bundles.swagger_ui.static_path))]
+        middleware.append(Middleware(
+            web.RateLimitMiddleware, per_minute=settings.rate_limit, auth_per_minute=settings.auth_rate_limit,
+            strict=[(op.method, op.path) for op in operations if op.strict_limit],
+            uncounted=[op.path for op in operations if not op.counted], uncounted_prefixes=("/docs/",)))
     app = Starlette(
-        routes=routes(OPERATIONS) + docs_files,
+        routes=web.routes(operations) + DOCS.asset_routes(),
         middleware=middleware,
-        exception_handlers={HTTPProblem: on_problem, HTTPException: on_http_exception,
+        exception_handlers={HTTPProblem: web.on_problem, HTTPException: web.on_http_exception,
                             storage.Unavailable: on_unavailable, storage.Conflict: on_conflict},
         lifespan=lifespan,
     )

@@ -54,7 +54,9 @@ from starlette.testclient import TestClient
 
 import api
 import auth
+import openapi
 import store as storage
+import web
 
 POSTGRES = os.environ.get("TEST_DATABASE_URL")
 PASSWORD = "correct horse"
@@ -2442,7 +2444,7 @@ def test_a_flood_of_50000_client_addresses_leaves_at_most_max_clients_buckets():
         if message["type"] == "http.response.start":
             statuses[message["status"]] += 1
 
-    limiter = api.RateLimitMiddleware(ok, per_minute=5, auth_per_minute=2)
+    limiter = web.RateLimitMiddleware(ok, per_minute=5, auth_per_minute=2, strict=[("POST", TOKEN)])
 
     async def flood() -> None:
         # Sign-in requests draw on both the general and the strict buckets.
@@ -3006,7 +3008,7 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 @functools.cache
 def openapi_for(prefix: str = "") -> dict:
     """The document the app serves under `prefix` (the one GET {prefix}/openapi.json answers)."""
-    return json.loads(api.openapi_document(prefix))
+    return json.loads(api.DOCS.document(prefix))
 
 
 FORMATS = jsonschema.FormatChecker(formats=())
@@ -3569,7 +3571,7 @@ def test_the_docs_page_loads_only_the_apps_own_files_under_its_prefix(make_app, 
 
 def test_the_docs_page_needs_no_other_host():
     """Nothing Swagger UI is started with points off the app (no CDN, no validator badge)."""
-    for text in (api.DOCS_PAGE, api.DOCS_SCRIPT):
+    for text in (openapi.DOCS_PAGE, openapi.DOCS_SCRIPT):
         assert "http:" not in text and "https:" not in text and "//" not in text.replace("<!DOCTYPE", "")
 
 

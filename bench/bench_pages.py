@@ -4,7 +4,7 @@ Not a test (timings do not belong in the suite). Fills a temporary SQLite databa
 books through store.py, then, for each sort order, times GET /api/v1/books for page 1 and for a
 page that starts after 90,000 books, through the HTTP API with TestClient, and prints medians.
 
-    python bench_pages.py [--books 100000] [--depth 90000] [--repeat 300] [--limit 20]
+    python bench/bench_pages.py [--books 100000] [--depth 90000] [--repeat 300] [--limit 20]
 
 The deep page's cursor is found by walking `next` at limit=100 to the depth (so the cursor is a
 real one the API made), then re-requested with the page size being measured.
@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import functools
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +22,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from starlette.testclient import TestClient
 
-import api
-import store
+# The runtime modules sit at the project's root, one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import api  # noqa: E402
+import store  # noqa: E402
 
 SORTS = ["id", "-id", "title", "-title"]
 WORDS = ["Clean", "Code", "Dune", "Éclair", "apple", "Banana", "Zebra", "ärger", "Night", "River", "Stone",

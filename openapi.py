@@ -1,0 +1,174 @@
+"""The OpenAPI 3.1 document of a table of operations, and the Swagger UI page that shows it.
+
+openapi.py reads `web.Operation`s: their paths and methods, the msgspec Structs of their bodies
+and answers (msgspec writes the JSON Schemas), their statuses and flags (`etag`, `conditional`,
+`signed_in`, `counted`), and the handlers' docstrings (first sentence: the summary). It knows
+nothing about books, users or tokens; the API hands it its title, description and security
+schemes.
+
+Swagger UI's files come from the openapi-ui-bundles package and are served by the app itself, so
+/docs works without internet. The page runs no inline script, which lets its
+Content-Security-Policy allow scripts from this origin only.
+"""
+
+import functools
+import html
+import re
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+import openapi_ui_bundles
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from web import JSON, MERGE_PATCH, Operation, Problem, app_path, encoder
+
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} API</title>
+<link rel="stylesheet" href="{root}/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui" data-spec-url="{root}/openapi.json"></div>
+<script src="{root}/docs/assets/swagger-ui-bundle.js"></script>
+<script src="{root}/docs/init.js"></script></body></html>
+"""
+DOCS_SCRIPT = """const element = document.getElementById("swagger-ui");
+window.ui = SwaggerUIBundle({url: element.dataset.specUrl, dom_id: "#swagger-ui", deepLinking: true});
+"""
+DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src data:; "
+               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+# == Pieces of the document =======================================================================
+
+
+def ref(type_: Any) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{type_.__name__}"}
+
+
+def describe_responses(operation: Operation) -> dict[str, Any]:
+    status, type_ = operation.ok
+    success: dict[str, Any] = {"description": HTTPStatus(status).phrase}
+    if type_ is not None:
+        success["content"] = {operation.media_type: {"schema": type_ if isinstance(type_, dict) else ref(type_)}}
+    headers = {}
+    if status == 201:
+        headers["Location"] = {"description": "The new resource's URL", "schema": {"type": "string"}}
+    if operation.etag:
+        headers["ETag"] = {"description": "Strong; changes on every write", "schema": {"type": "string"}}
+    if operation.query is not None and "cursor" in operation.query.__struct_fields__:
+        headers["Link"] = {"description": 'The next page, `<url>; rel="next"`', "schema": {"type": "string"}}
+    if headers:
+        success["headers"] = headers
+    responses = {str(status): success}
+    problem = {"application/problem+json": {"schema": ref(Problem)}}
+    for error in sorted({*operation.errors, 500, *((429, 503) if operation.counted else ())}):
+        responses[str(error)] = ({"description": "Not Modified: your copy is current"} if error == 304 else
+                                 {"description": HTTPStatus(error).phrase, "content": problem})
+    return responses
+
+
+def describe_parameters(operation: Operation) -> list[dict[str, Any]]:
+    parameters = []
+    for name in re.findall(r"\{(\w+):int\}", operation.path):
+        parameters.append({"name": name, "in": "path", "required": True,
+                           "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}})
+    if operation.query is not None:
+        (_,), components = msgspec.json.schema_components([operation.query])
+        schema = components[operation.query.__name__]
+        for name, property_schema in schema["properties"].items():
+            # An absent parameter is the Struct's None; a client cannot send null in a query string.
+            options = [option for option in property_schema.get("anyOf", []) if option != {"type": "null"}]
+            if options:
+                property_schema = options[0]
+            parameters.append({"name": name, "in": "query", "required": False, "schema": property_schema})
+    if operation.conditional == "If-None-Match":
+        parameters.append({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}})
+    elif operation.conditional == "If-Match":
+        parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"},
+                           "description": "Only write if the resource still has this ETag (else 412)"})
+    return parameters
+
+
+def describe_operation(operation: Operation, security: list[dict[str, list]]) -> dict[str, Any]:
+    summary, _, description = " ".join((operation.handler.__doc__ or "").split()).partition(". ")
+    summary += "." if description else ""
+    spec: dict[str, Any] = {
+        "operationId": operation.handler.__name__, "tags": [operation.tag],
+        "summary": summary.strip(), "description": " ".join(description.split()),
+        "parameters": describe_parameters(operation),
+        "responses": describe_responses(operation)}
+    if operation.body is not None:
+        media_types = (JSON, MERGE_PATCH) if operation.method == "PATCH" else (JSON,)
+        spec["requestBody"] = {"required": True, "content": {
+            media_type: {"schema": ref(operation.body), "example": operation.body.example}
+            for media_type in media_types}}
+    if operation.signed_in:
+        spec["security"] = security
+    return spec
+
+
+# == The document and the docs page ===============================================================
+
+
+class Docs:
+    """An API's OpenAPI document and Swagger UI, for the operations it is given plus its own two
+    (`GET /openapi.json`, `GET /docs`), which `operations` lists for the app's routes.
+
+    The document is made once per mount prefix (its `servers` entry carries the prefix, so "Try
+    it out" works when the app is embedded); at most `MAX_PREFIXES` are kept, because under a
+    parametrised mount the client chooses the prefix.
+    """
+
+    MAX_PREFIXES = 64
+
+    def __init__(self, operations: Sequence[Operation], *, title: str, version: str, description: str,
+                 security_schemes: dict[str, dict[str, Any]]) -> None:
+        self.title, self.version, self.description = title, version, description
+        self.security_schemes = security_schemes
+        self.operations = [
+            *operations,
+            Operation("GET", "/openapi.json", self.openapi, "docs", (200, {"type": "object"}), counted=False),
+            Operation("GET", "/docs", self.docs, "docs", (200, {"type": "string"}), media_type="text/html",
+                      counted=False),
+        ]
+        # Per instance, bounded: under a parametrised mount, clients choose the prefix.
+        self.document = functools.lru_cache(maxsize=self.MAX_PREFIXES)(self._make)
+
+    def _make(self, root_path: str) -> bytes:
+        """The OpenAPI 3.1 document, for an app served under `root_path` (see `document`)."""
+        types = {Problem} | {t for op in self.operations for t in (op.ok[1], op.body) if isinstance(t, type)}
+        _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
+                                                    ref_template="#/components/schemas/{name}")
+        security = [{name: []} for name in self.security_schemes]
+        paths: dict[str, dict[str, Any]] = {}
+        for operation in self.operations:
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", operation.path)
+            paths.setdefault(path, {})[operation.method.lower()] = describe_operation(operation, security)
+        return encoder.encode({
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version, "description": self.description},
+            "servers": [{"url": root_path or "/"}],
+            "tags": [{"name": tag} for tag in dict.fromkeys(op.tag for op in self.operations)],
+            "paths": paths,
+            "components": {"schemas": schemas, "securitySchemes": self.security_schemes},
+        })
+
+    async def openapi(self, request: Request) -> Response:
+        """This API's OpenAPI 3.1 document; its server URL carries any mount prefix."""
+        return Response(self.document(app_path(request, "")), media_type=JSON)
+
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI for this API, served from the app (no CDN)."""
+        page_html = DOCS_PAGE.format(title=html.escape(self.title), root=html.escape(app_path(request, "")))
+        return HTMLResponse(page_html, headers={"Content-Security-Policy": DOCS_POLICY})
+
+    @staticmethod
+    async def script(request: Request) -> Response:
+        return Response(DOCS_SCRIPT, media_type="text/javascript")
+
+    def asset_routes(self) -> list[BaseRoute]:
+        """Swagger UI's own files: routes of the app, not operations of the API."""
+        return [Route("/docs/init.js", self.script),
+                Mount("/docs/assets", StaticFiles(directory=openapi_ui_bundles.swagger_ui.static_path))]

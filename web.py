@@ -1,0 +1,455 @@
+"""HTTP plumbing that any JSON API on Starlette needs, and nothing about books, users or tokens.
+
+web.py turns everything that goes wrong into an RFC 9457 problem (application/problem+json),
+reads requests strictly (media type, body into a msgspec Struct, query string into a Struct, ids
+in the path), signs the cursors of keyset pages, matches ETags, makes Starlette routes from a
+table of `Operation`s, and holds the pure-ASGI middleware every request passes: request ids and
+the log line, the body limit and the 500 guard, and the per-client rate limits.
+
+What it needs to know about an API comes as data: fields on an `Operation` (`private`,
+`counted`, `strict_limit`, ...) and keyword arguments of the middleware. api.py is its only
+user; openapi.py reads the same `Operation`s to write the OpenAPI document.
+"""
+
+import base64
+import collections
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import logging
+import math
+import re
+import secrets
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import msgspec
+from msgspec import Struct
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+# == Problems =====================================================================================
+# Everything that goes wrong becomes an `HTTPProblem`, raised anywhere and answered in one place
+# (`problem_response`) as application/problem+json.
+
+
+class Problem(Struct, omit_defaults=True):
+    """An RFC 9457 problem; `errors` names the bad fields (`pointer`) or query parameters."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, str]] = []
+    request_id: str | None = None
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers or {}
+
+
+TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+          405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
+          413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+          500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def problem_response(status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
+                     headers: dict[str, str] | None = None, request_id: str | None = None) -> Response:
+    problem = Problem(type="about:blank", title=TITLES.get(status, "Error"), status=status, detail=detail,
+                      errors=errors or [], request_id=request_id)
+    return Response(encoder.encode(problem), status, headers, "application/problem+json")
+
+
+def invalid_body(error: Exception, pattern_messages: dict[str, str]) -> HTTPProblem:
+    """A 400 for a body msgspec refused, with a JSON pointer to the first bad field.
+
+    msgspec words a failed pattern as the regex itself; `pattern_messages` (field name → text)
+    says it the way a person would."""
+    message = str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return HTTPProblem(400, "The body is not valid UTF-8.", errors=[{"pointer": "#", "detail": "invalid UTF-8"}])
+    if isinstance(error, RecursionError):
+        message = "JSON is nested too deeply"
+    message = re.sub(r"Expected `str` matching regex '.*'", lambda _: pattern_messages.get(
+        re.search(r"`\$\.(\w+)`", message).group(1), "Expected a different format"), message)
+    path = re.search(r" - at `\$(.*)`$", message)
+    field = re.search(r"(?:missing required|unknown) field `(.+)`", message)
+    if path:
+        message = message[: path.start()]
+        pointer = "#" + re.sub(r"\.|\[(\d+)\]", lambda m: "/" + (m.group(1) or ""), path.group(1))
+    else:
+        pointer = f"#/{field.group(1)}" if field else "#"
+    return HTTPProblem(400, f"{message} ({pointer})", errors=[{"pointer": pointer, "detail": message}])
+
+
+def invalid_parameter(name: str, detail: str) -> HTTPProblem:
+    return HTTPProblem(400, f"Query parameter `{name}`: {detail}", errors=[{"parameter": name, "detail": detail}])
+
+
+async def on_problem(request: Request, error: HTTPProblem) -> Response:
+    return problem_response(error.status, error.detail, errors=error.errors, headers=error.headers)
+
+
+async def on_http_exception(request: Request, error: HTTPException) -> Response:
+    """Starlette's own 404 (no such route) and 405 (method not allowed, with `Allow`)."""
+    detail = {404: f"No route matches {request.url.path}.",
+              405: f"{request.method} is not allowed on {request.url.path}."}.get(error.status_code, error.detail)
+    return problem_response(error.status_code, detail, headers=error.headers)
+
+
+# == Reading requests, writing answers ============================================================
+
+
+def app_path(request: Request, path: str) -> str:
+    """A URL path for this app, with the prefix it is mounted under (or served behind)."""
+    prefix = request.scope.get("root_path", "")
+    # Escaped as Starlette escapes request.url: a parametrised mount takes its prefix from the
+    # client, and a bare `?`, `#` or backslash would make the URL point somewhere else.
+    return prefix.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C") + path
+
+
+async def read_json(request: Request, *media_types: str) -> bytes:
+    """The raw body, after checking its media type (415); too large a body stops reading (413)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    accepted = media_types or (JSON,)
+    if media_type not in accepted:
+        raise HTTPProblem(415, f"Send the body as {' or '.join(accepted)}, not {media_type or 'nothing'}.")
+    return body
+
+
+def decode(body: bytes, type_: type[T]) -> T:
+    """The body as a Struct, or a 400 naming the first bad field; NUL characters are refused too,
+    because PostgreSQL cannot store them. A Struct may word its patterns' failures in a
+    `pattern_messages` class variable."""
+    try:
+        value = msgspec.json.decode(body, type=type_)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise invalid_body(error, getattr(type_, "pattern_messages", {})) from None
+    for name in value.__struct_fields__:
+        if isinstance(text := getattr(value, name), str) and "\x00" in text:
+            detail = "Expected a string without NUL characters"
+            raise HTTPProblem(400, f"{detail} (#/{name})", errors=[{"pointer": f"#/{name}", "detail": detail}])
+    return value
+
+
+def parse_query(request: Request, type_: type[T]) -> T:
+    """The query string as a Struct; a 400 names the first bad, unknown or repeated parameter."""
+    items = request.query_params.multi_items()
+    seen: set[str] = set()
+    for name, _ in items:
+        if name in seen:
+            raise invalid_parameter(name, "Give this parameter once.")
+        seen.add(name)
+    try:
+        return msgspec.convert(dict(items), type_, strict=False)
+    except msgspec.ValidationError as error:
+        message = str(error)
+        name = re.search(r"`\$\.(\w+)`|field `(.+)`", message)
+        name = (name.group(1) or name.group(2)) if name else "query"
+        raise invalid_parameter(name, re.sub(r" - at `.*`$", "", message)) from None
+
+
+def path_id(request: Request) -> int:
+    """The `{id}` in the path; an id no row can have (0, or past 64 bits) is simply not found."""
+    value = request.path_params["id"]
+    if not 0 < value < 2**63:
+        raise HTTPProblem(404, f"There is no resource with id {value}.")
+    return value
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(value), status, headers, JSON)
+
+
+def etag_matches(header: str, current: str, *, weak: bool) -> bool:
+    """RFC 9110 list matching: `*` or any listed tag. Weak comparison ignores `W/`."""
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag == current or (weak and tag.removeprefix("W/") == current):
+            return True
+    return False
+
+
+# == Pages: keyset cursors, signed so that a client cannot forge one ==============================
+# A list's query Struct has `limit`, `cursor` and `sort`; every other field is a filter. A cursor
+# records the list, the sort, the filters and the position after which the next page starts.
+
+PAGING = ("limit", "cursor", "sort")
+
+
+def cursor_filters(query: Struct) -> list:
+    return [getattr(query, name) for name in query.__struct_fields__ if name not in PAGING]
+
+
+def make_cursor(key: bytes, query: Struct, position: list) -> str:
+    payload = encoder.encode({"list": type(query).__name__, "sort": query.sort,
+                              "filters": cursor_filters(query), "after": position})
+    signature = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
+    return base64.urlsafe_b64encode(payload + signature).decode().rstrip("=")
+
+
+def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | None:
+    """The position a cursor records, or a 400 when it is garbage, forged, or made for another
+    list, sort or filters than this request's. `shape` is the position's types, e.g. (str, int)."""
+    if query.cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(query.cursor + "=" * (-len(query.cursor) % 4))
+        payload, signature = raw[:-12], raw[-12:]
+        expected = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
+        if not hmac.compare_digest(signature, expected):
+            raise ValueError
+        state = msgspec.json.decode(payload)
+    except (ValueError, msgspec.DecodeError):
+        raise invalid_parameter("cursor", "This cursor is not one this API made; use `next` as given.") from None
+    if (state.get("list"), state.get("sort"), state.get("filters")) != (
+            type(query).__name__, query.sort, cursor_filters(query)):
+        raise invalid_parameter("cursor", "This cursor belongs to another list, sort or filters.")
+    after = state.get("after")
+    if not isinstance(after, list) or [type(value) for value in after] != list(shape):
+        raise invalid_parameter("cursor", "This cursor is damaged.")
+    return after
+
+
+def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str | None, dict[str, str]]:
+    """The `next` URL (same parameters, new cursor) and the matching `Link` header."""
+    if cursor is None:
+        return None, {}
+    params = {name: getattr(query, name) for name in query.__struct_fields__
+              if name != "cursor" and (name == "limit" or name in request.query_params)}
+    url = request.url.path + "?" + urlencode({**params, "cursor": cursor})  # the path carries any mount prefix
+    return url, {"Link": f'<{url}>; rel="next"'}
+
+
+# == Operations and routes ========================================================================
+# An API is a table of operations. The routes are made from it here, the OpenAPI document in
+# openapi.py, and the middleware's knowledge of paths (which are private, which are counted by the
+# rate limits) too, so an operation is written down exactly once.
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    handler: Callable[[Request], Awaitable[Response]]
+    tag: str
+    ok: tuple[int, Any]  # the success status and the type of its body (None: no body)
+    body: Any = None  # the request body's Struct
+    query: Any = None  # the query string's Struct
+    errors: tuple[int, ...] = ()  # the statuses it may answer besides `ok` (500 always; 429, 503 if counted)
+    signed_in: bool = False  # needs a bearer token
+    media_type: str = JSON  # of the success body
+    etag: bool = False  # the success answer carries an ETag
+    conditional: str | None = None  # the precondition header it honours: If-None-Match or If-Match
+    private: bool = False  # `Cache-Control: no-store` on every answer here and below (accounts, credentials)
+    counted: bool = True  # counted by the rate limits (probes and docs are not)
+    strict_limit: bool = False  # also counted by the strict per-route limit (signing in, signing up)
+
+
+def routes(operations: Iterable[Operation]) -> list[Route]:
+    """One Route per path, carrying all of its methods, so that a 405 lists them all in `Allow`.
+
+    Starlette tries routes in order: the table's order, so put the busiest paths first."""
+    by_path: dict[str, dict[str, Callable]] = {}
+    for operation in operations:
+        by_path.setdefault(operation.path, {})[operation.method] = operation.handler
+
+    def dispatch(handlers: dict[str, Callable]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await handlers["GET" if request.method == "HEAD" else request.method](request)
+        return endpoint
+
+    return [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
+
+
+# == Middleware ===================================================================================
+# Pure ASGI middleware, not BaseHTTPMiddleware: it runs on every request, so it has to be cheap.
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+log = logging.getLogger("quire")
+
+
+def log_json(**fields: Any) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z", **fields}
+    # makeRecord + handle is what log.info() does, minus the walk up the stack for the caller's
+    # file and line, which the JSON line does not show; this runs for every request.
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, encoder.encode(fields).decode(), None, None))
+
+
+def log_to_stderr() -> None:
+    """One JSON line per record on stderr, unless the embedding app has set up this logger."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the app's routes see it: without the prefix the app is mounted under."""
+    return scope["path"][len(scope.get("root_path", "")):]
+
+
+class RequestMiddleware:
+    """The outermost layer of every request.
+
+    Gives it an id (X-Request-ID), adds the headers every response carries, and writes one JSON
+    log line. Paths and statuses are logged; headers and bodies, where passwords and tokens
+    travel, never are. Answers for paths under the `private` prefixes are marked
+    `Cache-Control: no-store`, whatever their status (a 404 or 413 included).
+    """
+
+    def __init__(self, app: ASGIApp, *, private: tuple[str, ...] = ()) -> None:
+        self.app, self.private = app, private
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = secrets.token_hex(16)
+        scope.setdefault("state", {})["request_id"] = request_id
+        private = route_path(scope).startswith(self.private) if self.private else False
+        status = 500  # what the log says if an exception escapes before a response starts
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # Appended, not set: no handler sends these two, and set would search the list.
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode()),
+                                      (b"x-content-type-options", b"nosniff")]
+                if private:
+                    MutableHeaders(scope=message)["Cache-Control"] = "no-store"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            log_json(request_id=request_id, method=scope["method"], path=scope["path"], status=status,
+                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+class GuardMiddleware:
+    """Refuses bodies over the limit without reading them (413), and turns an unexpected exception
+    into a 500 problem that shows no internals; the traceback goes to the log with the request id.
+
+    It sits inside the CORS layer, so that a browser may read these answers too.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"The body is larger than {self.max_body} bytes."
+        received, started = 0, False
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HTTPProblem(413, too_large)
+            return message
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await problem_response(413, too_large)(scope, receive, send)
+        try:
+            await self.app(scope, receive_limited, send_tracked)
+        except Exception:
+            request_id = scope["state"].get("request_id")
+            log_json(request_id=request_id, error=traceback.format_exc())
+            if started:  # the response has begun: all that is left is to drop the connection
+                raise
+            response = problem_response(500, "Something went wrong on our side; the request id says where.",
+                                        request_id=request_id)
+            await response(scope, receive, send)
+
+
+class TokenBuckets:
+    """Per-client token buckets: `per_minute` requests a minute, in bursts of up to that many.
+
+    Memory is bounded: past `max_clients` the least recently seen client is forgotten (and
+    starts again with a full bucket), so a flood of distinct addresses cannot grow it.
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+        self.capacity, self.rate, self.max_clients = per_minute, per_minute / 60, max_clients
+        self.buckets: collections.OrderedDict[Any, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, client: Any, now: float) -> float:
+        """Spend one token; 0 when allowed, else the seconds until a token is back."""
+        tokens, last = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        self.buckets[client] = (tokens, now)  # (re)inserted last: the most recently seen
+        if len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        return 0.0 if allowed else (1 - tokens) / self.rate
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After once a client (its address as the server reports it) has used its
+    share: the general limit on every counted request, and a stricter one per route on the
+    `strict` (method, path) pairs, where guessing passwords or mass sign-ups would happen.
+    Requests for the `uncounted` paths, or under the `uncounted_prefixes`, never count. Per process."""
+
+    def __init__(self, app: ASGIApp, *, per_minute: int, auth_per_minute: int,
+                 strict: Iterable[tuple[str, str]] = (), uncounted: Iterable[str] = (),
+                 uncounted_prefixes: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.general = TokenBuckets(per_minute)
+        self.strict = TokenBuckets(auth_per_minute)
+        self.strict_routes = frozenset(strict)
+        self.uncounted, self.uncounted_prefixes = frozenset(uncounted), uncounted_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = route_path(scope)
+        if path not in self.uncounted and not path.startswith(self.uncounted_prefixes):
+            client = scope["client"][0] if scope.get("client") else None
+            now = time.monotonic()
+            wait = self.general.take(client, now)
+            if (scope["method"], path) in self.strict_routes:
+                wait = max(wait, self.strict.take((path, client), now))
+            if wait:
+                response = problem_response(429, "Too many requests; slow down and retry after the given seconds.",
+                                            headers={"Retry-After": str(math.ceil(wait))})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
