@@ -183,6 +183,33 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 EMAIL_PATTERN_DETAIL = "Expected an email address like ada@example.com"
 
 
+RUNTIME_MODULES = ("api", "web", "openapi", "store", "auth")
+
+
+def quire_imports(module: str) -> set[str]:
+    """The runtime modules that `module`.py imports."""
+    import ast
+    tree = ast.parse(Path(HERE, f"{module}.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return names & set(RUNTIME_MODULES)
+
+
+def test_the_runtime_modules_import_each_other_as_a_tree_with_api_at_the_top():
+    assert {module: quire_imports(module) for module in RUNTIME_MODULES} == {
+        "api": {"web", "openapi", "store", "auth"},
+        "openapi": {"web"},  # the generic modules know nothing of quire's own
+        "web": set(), "store": set(), "auth": set()}
+
+
+def test_importing_the_runtime_modules_does_no_io(tmp_path):
+    """Importing builds the module-level app but connects to nothing and creates no file."""
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import {', '.join(RUNTIME_MODULES)}"
+    environment = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'never.db'}", "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, check=True, timeout=60)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def plain_client(tmp_path) -> Iterator[TestClient]:
     """A client for HTTP plumbing that a request settles before it reaches the database (routing,
