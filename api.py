@@ -20,9 +20,11 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
+import hashlib
 import os
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
@@ -57,6 +59,7 @@ class Settings:
     auth_rate_limit: Annotated[int, Meta(ge=1)] = 10
     cors_origins: tuple[str, ...] = ()
     max_body: Annotated[int, Meta(ge=1)] = 1024 * 1024
+    idempotency_ttl: Annotated[int, Meta(ge=1)] = 86400  # seconds an Idempotency-Key is remembered
 
     @classmethod
     def load(cls, config: Config, overrides: dict[str, Any]) -> "Settings":
@@ -103,6 +106,9 @@ Year = Annotated[int, Meta(ge=1, le=2100)]
 Pages = Annotated[int, Meta(ge=1, le=100_000)]
 Isbn = Annotated[str, Meta(max_length=40, examples=["978-0-13-235088-4"],
                            description="ISBN-13; hyphens and spaces are removed, the check digit is verified")]
+Price = Annotated[int, Meta(ge=0, le=10_000_000, description=(
+    "In the minor unit of the shop's currency (cents), an integer: money is never a float. null: not for sale"))]
+Stock = Annotated[int, Meta(ge=0, le=1_000_000, description="Copies on hand")]
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")]
 
@@ -111,13 +117,15 @@ class BookIn(RequestBody):
     """A book as created (POST) or replaced (PUT); a missing optional field becomes null."""
 
     example: ClassVar[dict] = {"title": "Clean Code", "author": "Robert C. Martin", "year": 2008,
-                               "pages": 464, "isbn": "978-0-13-235088-4"}
+                               "pages": 464, "isbn": "978-0-13-235088-4", "price_cents": 3999, "stock": 12}
 
     title: Title
     author: Title
     year: Year | None = None
     pages: Pages | None = None
     isbn: Isbn | None = None
+    price_cents: Price | None = None
+    stock: Stock = 0
 
 
 class BookPatch(RequestBody):
@@ -130,6 +138,8 @@ class BookPatch(RequestBody):
     year: Year | None | UnsetType = UNSET
     pages: Pages | None | UnsetType = UNSET
     isbn: Isbn | None | UnsetType = UNSET
+    price_cents: Price | None | UnsetType = UNSET
+    stock: Stock | UnsetType = UNSET  # never null: a book always has a stock, 0 when none
 
 
 class Book(Struct):
@@ -139,6 +149,8 @@ class Book(Struct):
     year: int | None
     pages: int | None
     isbn: str | None
+    price_cents: int | None
+    stock: int
     owner_id: int
     created_at: Timestamp
     updated_at: Timestamp
@@ -146,6 +158,60 @@ class Book(Struct):
 
 class BookPage(Struct):
     items: list[Book]
+    next: str | None
+
+
+# An order is the client's cart, placed at once: there is no cart on the server to keep in step.
+# Its lines keep the title and price of the moment they were placed.
+
+OrderStatus = Literal["placed", "paid", "shipped", "cancelled"]
+# The life of an order: each status and the statuses it may move to.
+MOVES: dict[str, tuple[str, ...]] = {"placed": ("paid", "cancelled"), "paid": ("shipped", "cancelled"),
+                                     "shipped": (), "cancelled": ()}
+Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+
+
+class OrderLineIn(RequestBody):
+    book_id: Id
+    quantity: Annotated[int, Meta(ge=1, le=100)]
+
+
+class OrderIn(RequestBody):
+    """1–20 lines, a book at most once."""
+
+    example: ClassVar[dict] = {"items": [{"book_id": 1, "quantity": 1}]}
+
+    items: Annotated[list[OrderLineIn], Meta(min_length=1, max_length=20)]
+
+
+class OrderMove(RequestBody):
+    """The status to move the order to."""
+
+    example: ClassVar[dict] = {"status": "cancelled"}
+
+    status: OrderStatus
+
+
+class OrderLine(Struct):
+    book_id: int
+    title: str
+    quantity: int
+    unit_price_cents: int
+    line_total_cents: int
+
+
+class Order(Struct):
+    id: int
+    buyer_id: int
+    status: OrderStatus
+    items: list[OrderLine]
+    total_cents: int
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class OrderPage(Struct):
+    items: list[Order]
     next: str | None
 
 
@@ -204,6 +270,14 @@ class UserQuery(RequestBody):
     limit: Annotated[int, Meta(ge=1, le=100)] = 20
     cursor: str | None = None
     sort: Literal["id", "-id"] = "id"
+
+
+class OrderQuery(RequestBody):
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    cursor: str | None = None
+    sort: Literal["-id", "id"] = "-id"
+    status: OrderStatus | None = None
+    buyer_id: Id | None = None  # admins only
 
 
 # == Errors quire adds to web.py's =================================================================
@@ -331,6 +405,61 @@ async def list_users(request: Request) -> Response:
     return json_response(UserPage(items=msgspec.convert(items, list[User]), next=next_url), headers=headers)
 
 
+# == Idempotent requests ==========================================================================
+# A client that lost an answer sends the same POST again with the same `Idempotency-Key`
+# (draft-ietf-httpapi-idempotency-key-header) and gets the first answer back instead of a second
+# order. The key is written first, in the write's own transaction (store.claim_key says why).
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # 1–255 visible ASCII characters
+SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')  # RFC 8941 §3.3.3
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's key, without the quotes of a structured-field string (`"k1"` is `k1`); None
+    without the header; 400 naming the header for anything else."""
+    values = request.headers.getlist("idempotency-key")
+    if not values:
+        return None
+    key = values[0].strip() if len(values) == 1 else ""
+    if string := SF_STRING.fullmatch(key):
+        key = re.sub(r"\\(.)", r"\1", string.group(1))
+    elif key.startswith('"'):
+        key = ""  # a quote that does not open a well-formed string
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        detail = "Expected one key of 1–255 visible ASCII characters, optionally in double quotes"
+        raise HTTPProblem(400, f"Header `Idempotency-Key`: {detail}.",
+                          errors=[{"header": "Idempotency-Key", "detail": detail}])
+    return key
+
+
+async def idempotent(request: Request, user: storage.Row, key: str, body: bytes,
+                     write: Callable[[storage.Run], Awaitable[Response]]) -> Response:
+    """Run `write` in a transaction that also claims `key` and records `write`'s answer; or, when
+    the key's first request already succeeded, answer that again (`Idempotent-Replayed: true`),
+    or 422 if the key came with another request. A failed `write` rolls its key back with it,
+    so the request may be retried with the same key."""
+    app = quire(request)
+    key_hash = hashlib.sha256(key.encode()).hexdigest()  # a leaked table does not show the keys
+    fingerprint = hashlib.sha256(f"{request.method} {request.url.path} ".encode()
+                                 + hashlib.sha256(body).digest()).hexdigest()
+    async with app.store.transaction() as run:
+        record = await app.store.claim_key(run, user_id=user["id"], key_hash=key_hash,
+                                           fingerprint=fingerprint, ttl=app.settings.idempotency_ttl)
+        if record is None:
+            response = await write(run)
+            await app.store.record_response(
+                run, user_id=user["id"], key_hash=key_hash, status=response.status_code,
+                body=response.body.decode(), location=response.headers.get("location"),
+                etag=response.headers.get("etag"))
+            return response
+    if record["fingerprint"] != fingerprint:
+        detail = "This Idempotency-Key was sent before with another request; use a new key for a new request"
+        raise HTTPProblem(422, f"{detail}.", errors=[{"header": "Idempotency-Key", "detail": detail}])
+    headers = {"Idempotent-Replayed": "true"}
+    headers |= {name: record[name.lower()] for name in ("Location", "ETag") if record[name.lower()]}
+    return Response(record["body"], record["status"], headers, JSON)
+
+
 # == Books ========================================================================================
 
 
@@ -349,9 +478,9 @@ def normalise_isbn(fields: dict[str, Any]) -> dict[str, Any]:
     raise HTTPProblem(400, f"{detail} (#/isbn)", errors=[{"pointer": "#/isbn", "detail": detail}])
 
 
-def etag(book: storage.Row) -> str:
-    """Strong, and new on every write: the row's version goes up by one with each."""
-    return f'"{book["id"]}.{book["version"]}"'
+def etag(row: storage.Row) -> str:
+    """A book's or an order's: strong, and new on every write (the row's version goes up by one)."""
+    return f'"{row["id"]}.{row["version"]}"'
 
 
 def book_response(book: storage.Row, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -372,15 +501,23 @@ async def changeable_book(request: Request) -> storage.Row:
     return book
 
 
-def expected_version(request: Request, book: storage.Row) -> int | None:
+def expected_version(request: Request, row: storage.Row, what: str = "book") -> int | None:
     """The version a write must find (compare-and-set), if the client sent If-Match; 412 when
-    the book has already moved on."""
+    the book (or order) has already moved on."""
     header = request.headers.get("if-match")
     if header is None:
         return None
-    if not etag_matches(header, etag(book), weak=False):
-        raise HTTPProblem(412, f"The book has changed: its ETag is now {etag(book)}.")
-    return book["version"]
+    if not etag_matches(header, etag(row), weak=False):
+        raise HTTPProblem(412, f"The {what} has changed: its ETag is now {etag(row)}.")
+    return row["version"]
+
+
+def not_modified(request: Request, row: storage.Row) -> Response | None:
+    """304 when `If-None-Match` names the row's current ETag: the client's copy is current."""
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and etag_matches(if_none_match, etag(row), weak=True):
+        return Response(status_code=304, headers={"ETag": etag(row)})
+    return None
 
 
 async def check_presented_token(request: Request) -> None:
@@ -407,12 +544,19 @@ async def list_books(request: Request) -> Response:
 
 
 async def create_book(request: Request) -> Response:
-    """Add a book; you become its owner."""
+    """Add a book; you become its owner. Send an `Idempotency-Key` to make a retry safe."""
     body = await read_json(request)
     user = await signed_in(request)
+    key = idempotency_key(request)
     fields = normalise_isbn(msgspec.structs.asdict(decode(body, BookIn)))
-    book = await quire(request).store.create_book(owner_id=user["id"], fields=fields)
-    return book_response(book, 201, {"Location": app_path(request, f"/api/v1/books/{book['id']}")})
+
+    async def create(run: storage.Run | None) -> Response:
+        book = await quire(request).store.create_book(owner_id=user["id"], fields=fields, run=run)
+        return book_response(book, 201, {"Location": app_path(request, f"/api/v1/books/{book['id']}")})
+
+    if key is None:  # one INSERT, no transaction around it
+        return await create(None)
+    return await idempotent(request, user, key, body, create)
 
 
 async def get_book(request: Request) -> Response:
@@ -421,10 +565,7 @@ async def get_book(request: Request) -> Response:
     book = await quire(request).store.get_book(path_id(request))
     if book is None:
         raise HTTPProblem(404, f"There is no book with id {request.path_params['id']}.")
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match and etag_matches(if_none_match, etag(book), weak=True):
-        return Response(status_code=304, headers={"ETag": etag(book)})
-    return book_response(book)
+    return not_modified(request, book) or book_response(book)
 
 
 async def write_book(request: Request, body: bytes, type_: type[Struct]) -> Response:
@@ -468,6 +609,118 @@ async def delete_book(request: Request) -> Response:
     return Response(status_code=204)
 
 
+# == Orders =======================================================================================
+
+
+def order_response(order: storage.Row, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return json_response(msgspec.convert(order, Order), status, {"ETag": etag(order), **(headers or {})})
+
+
+def order_lines(order: OrderIn) -> list[tuple[int, int]]:
+    """The (book id, quantity) of each line, in the order sent; 400 for a book named twice."""
+    seen: set[int] = set()
+    for index, line in enumerate(order.items):
+        if line.book_id in seen:
+            detail = f"Book {line.book_id} is in the order twice; give it once with the total quantity"
+            pointer = f"#/items/{index}/book_id"
+            raise HTTPProblem(400, f"{detail} ({pointer})", errors=[{"pointer": pointer, "detail": detail}])
+        seen.add(line.book_id)
+    return [(line.book_id, line.quantity) for line in order.items]
+
+
+def refused(error: storage.Refused, lines: list[tuple[int, int]]) -> HTTPProblem:
+    """The 409 for an order line the shop cannot serve, pointing at that line."""
+    book_id, quantity = lines[error.line]
+    if error.reason == "out-of-stock":
+        pointer = f"#/items/{error.line}/quantity"
+        detail = f"Only {error.left} of book {book_id} left, fewer than the {quantity} ordered"
+    else:
+        pointer = f"#/items/{error.line}/book_id"
+        detail = f"Book {book_id} does not exist or is not for sale"
+    return HTTPProblem(409, f"{detail} ({pointer}); nothing was ordered.",
+                       errors=[{"pointer": pointer, "detail": detail}])
+
+
+async def place_order(request: Request) -> Response:
+    """Buy books: every line is served or none is. All in one transaction: each book's stock goes
+    down by its quantity, or the order is refused with 409 at the first line that cannot be served
+    and nothing changes. Send an `Idempotency-Key` to make a retry safe."""
+    body = await read_json(request)
+    buyer = await signed_in(request)
+    key = idempotency_key(request)
+    lines = order_lines(decode(body, OrderIn))
+    store = quire(request).store
+
+    async def place(run: storage.Run) -> Response:
+        try:
+            order = await store.place_order(run, buyer_id=buyer["id"], lines=lines)
+        except storage.Refused as error:
+            raise refused(error, lines) from None
+        return order_response(order, 201, {"Location": app_path(request, f"/api/v1/orders/{order['id']}")})
+
+    if key is None:
+        async with store.transaction() as run:
+            return await place(run)
+    return await idempotent(request, buyer, key, body, place)
+
+
+async def visible_order(request: Request) -> tuple[storage.Row, storage.Row]:
+    """The caller and the order in the path, if the caller may see it.
+
+    :raise 401: no valid token.  :raise 404: no such order, or another buyer's (the same answer,
+    so that order ids cannot be probed)."""
+    user = await signed_in(request)
+    order = await quire(request).store.get_order(path_id(request))
+    if order is None or not auth.can_see_order(user, order):
+        raise HTTPProblem(404, f"There is no order with id {request.path_params['id']}.")
+    return user, order
+
+
+async def get_order(request: Request) -> Response:
+    """One of your orders (an admin: anyone's), with its ETag; If-None-Match gives 304."""
+    _, order = await visible_order(request)
+    return not_modified(request, order) or order_response(order)
+
+
+async def list_orders(request: Request) -> Response:
+    """A page of your orders, newest first; an admin sees everyone's and may filter by `buyer_id`."""
+    user = await signed_in(request)
+    query = parse_query(request, OrderQuery)
+    if query.buyer_id is not None and not auth.is_admin(user):
+        raise web.invalid_parameter("buyer_id", "Only admins may filter by buyer; you see your own orders.")
+    app = quire(request)
+    key = await app.signing_key()
+    after = read_cursor(key, query, (int,))
+    rows = await app.store.list_orders(
+        limit=query.limit + 1, descending=query.sort == "-id", after=after[0] if after else None,
+        buyer_id=query.buyer_id if auth.is_admin(user) else user["id"], status=query.status)
+    items = rows[: query.limit]
+    cursor = make_cursor(key, query, [items[-1]["id"]]) if len(rows) > query.limit else None
+    next_url, headers = next_page(request, query, cursor)
+    return json_response(OrderPage(items=msgspec.convert(items, list[Order]), next=next_url), headers=headers)
+
+
+async def move_order(request: Request) -> Response:
+    """Move an order along its life: placed → paid → shipped, or placed/paid → cancelled. The buyer
+    may only cancel; an admin may make every move. Cancelling puts the stock back."""
+    body = await read_json(request, JSON, MERGE_PATCH)
+    user, order = await visible_order(request)
+    to_status = decode(body, OrderMove).status
+    if not auth.can_move_order(user, order, to_status):
+        raise HTTPProblem(403, "A buyer may only cancel an order; an admin moves it on.")
+    version = expected_version(request, order, "order")
+    if to_status not in MOVES[order["status"]]:
+        allowed = " or ".join(f"'{status}'" for status in MOVES[order["status"]]) or "nothing else"
+        detail = f"An order that is '{order['status']}' cannot become '{to_status}'; it can become {allowed}"
+        raise HTTPProblem(409, f"{detail} (#/status).", errors=[{"pointer": "#/status", "detail": detail}])
+    moved = await quire(request).store.move_order(order["id"], from_status=order["status"],
+                                                  to_status=to_status, version=version)
+    if moved is None:  # another move won the compare-and-set
+        raise HTTPProblem(412 if version is not None else 409,
+                          "The order changed while this request was in flight; fetch it again.")
+    return order_response(moved)
+
+
 # == Probes ========================================================================================
 
 
@@ -490,7 +743,7 @@ async def readyz(request: Request) -> Response:
 OPERATIONS = [
     Operation("GET", "/api/v1/books", list_books, "books", (200, BookPage), query=BookQuery, errors=(400, 401)),
     Operation("POST", "/api/v1/books", create_book, "books", (201, Book), BookIn,
-              errors=(400, 401, 409, 413, 415), signed_in=True, etag=True),
+              errors=(400, 401, 409, 413, 415, 422), signed_in=True, etag=True, idempotent=True),
     Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 401, 404),
               etag=True, conditional="If-None-Match"),
     Operation("PUT", "/api/v1/books/{id:int}", replace_book, "books", (200, Book), BookIn,
@@ -499,6 +752,14 @@ OPERATIONS = [
               errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
     Operation("DELETE", "/api/v1/books/{id:int}", delete_book, "books", (204, None),
               errors=(401, 403, 404, 412), signed_in=True, conditional="If-Match"),
+    Operation("POST", "/api/v1/orders", place_order, "orders", (201, Order), OrderIn,
+              errors=(400, 401, 409, 413, 415, 422), signed_in=True, etag=True, idempotent=True),
+    Operation("GET", "/api/v1/orders", list_orders, "orders", (200, OrderPage), query=OrderQuery,
+              errors=(400, 401), signed_in=True),
+    Operation("GET", "/api/v1/orders/{id:int}", get_order, "orders", (200, Order), errors=(304, 401, 404),
+              signed_in=True, etag=True, conditional="If-None-Match"),
+    Operation("PATCH", "/api/v1/orders/{id:int}", move_order, "orders", (200, Order), OrderMove,
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
     Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 409, 413, 415),
               private=True, strict_limit=True),
     Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
@@ -526,7 +787,7 @@ DOCS = openapi.Docs(
 
 def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
     """A quire app. Keywords (`database_url`, `secret_key`, `token_ttl`, `rate_limit`,
-    `auth_rate_limit`, `cors_origins`, `max_body`) beat the environment and `.env`.
+    `auth_rate_limit`, `cors_origins`, `max_body`, `idempotency_ttl`) beat the environment and `.env`.
 
     Nothing connects here: the store connects on the first request that needs it, so the app
     also works mounted in a parent app that does not run this app's lifespan.
@@ -559,8 +820,9 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match"],
-            expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After"], max_age=600))
+            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
+            expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+            max_age=600))
     middleware.append(Middleware(web.GuardMiddleware, max_body=settings.max_body))
     if settings.rate_limit:
         middleware.append(Middleware(
@@ -607,18 +869,22 @@ async def create_admin(store: storage.Store, email: str, name: str, password: st
 
 DEMO_USER = {"email": "demo@example.com", "name": "Demo", "password": "demo password"}
 DEMO_BOOKS = [
-    {"title": "Clean Code", "author": "Robert C. Martin", "year": 2008, "pages": 464, "isbn": "9780132350884"},
+    {"title": "Clean Code", "author": "Robert C. Martin", "year": 2008, "pages": 464, "isbn": "9780132350884",
+     "price_cents": 3999, "stock": 12},
     {"title": "Structure and Interpretation of Computer Programs", "author": "Harold Abelson",
-     "year": 1996, "pages": 657, "isbn": "9780262510875"},
-    {"title": "The Pragmatic Programmer", "author": "Andrew Hunt", "year": 1999, "pages": 352, "isbn": None},
-    {"title": "Fluent Python", "author": "Luciano Ramalho", "year": 2022, "pages": 1012, "isbn": "9781492056355"},
+     "year": 1996, "pages": 657, "isbn": "9780262510875", "price_cents": 5500, "stock": 3},
+    {"title": "The Pragmatic Programmer", "author": "Andrew Hunt", "year": 1999, "pages": 352, "isbn": None,
+     "price_cents": 4250, "stock": 7},
+    {"title": "Fluent Python", "author": "Luciano Ramalho", "year": 2022, "pages": 1012, "isbn": "9781492056355",
+     "price_cents": 6599, "stock": 1},
     {"title": "Designing Data-Intensive Applications", "author": "Martin Kleppmann", "year": 2017,
-     "pages": 616, "isbn": "9781449373320"},
+     "pages": 616, "isbn": "9781449373320", "price_cents": None, "stock": 0},  # not for sale
 ]
 
 
 async def fill_demo(store: storage.Store) -> str:
-    """Give an empty database a sample user and a few books, so /docs has something to show."""
+    """Give an empty database a sample user and a few books with prices and stock, so that a first
+    visit to /docs has something to show and to buy."""
     try:
         await store.connect()
         if await store.list_books(limit=1, sort="id", author=None, q=None, after=None):

@@ -179,3 +179,14 @@ def can_change_book(user: dict[str, Any], book: dict[str, Any]) -> bool:
 def can_see_user(viewer: dict[str, Any], user_id: int) -> bool:
     """Users see themselves; admins see everyone."""
     return viewer["id"] == user_id or is_admin(viewer)
+
+
+def can_see_order(user: dict[str, Any], order: dict[str, Any]) -> bool:
+    """The buyer sees an order, and admins see every order; for anyone else it does not exist."""
+    return order["buyer_id"] == user["id"] or is_admin(user)
+
+
+def can_move_order(user: dict[str, Any], order: dict[str, Any], to_status: str) -> bool:
+    """Admins move an order along its life (paid, shipped, cancelled); its buyer may only cancel it.
+    Whether the move itself is possible from the order's status is the state machine's business."""
+    return is_admin(user) or (order["buyer_id"] == user["id"] and to_status == "cancelled")

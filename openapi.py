@@ -54,9 +54,15 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
         success["content"] = {operation.media_type: {"schema": type_ if isinstance(type_, dict) else ref(type_)}}
     headers = {}
     if status == 201:
-        headers["Location"] = {"description": "The new resource's URL", "schema": {"type": "string"}}
+        headers["Location"] = {"description": "The new resource's URL", "required": True,
+                               "schema": {"type": "string"}}
     if operation.etag:
-        headers["ETag"] = {"description": "Strong; changes on every write", "schema": {"type": "string"}}
+        headers["ETag"] = {"description": "Strong; changes on every write", "required": True,
+                           "schema": {"type": "string"}}
+    if operation.idempotent:
+        headers["Idempotent-Replayed"] = {
+            "description": "`true` when this is the recorded answer to an earlier request with the same "
+                           "Idempotency-Key; nothing was written again", "schema": {"type": "string", "enum": ["true"]}}
     if operation.query is not None and "cursor" in operation.query.__struct_fields__:
         headers["Link"] = {"description": 'The next page, `<url>; rel="next"`', "schema": {"type": "string"}}
     if headers:
@@ -83,6 +89,13 @@ def describe_parameters(operation: Operation) -> list[dict[str, Any]]:
             if options:
                 property_schema = options[0]
             parameters.append({"name": name, "in": "query", "required": False, "schema": property_schema})
+    if operation.idempotent:
+        parameters.append({
+            "name": "Idempotency-Key", "in": "header", "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 257, "examples": ['"8e0397b4"']},
+            "description": "1–255 visible ASCII characters, optionally as a quoted structured-field string. "
+                           "Sent again with the same request, it answers the first answer again instead of "
+                           "writing twice; with another request, 422. Kept for a day."})
     if operation.conditional == "If-None-Match":
         parameters.append({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}})
     elif operation.conditional == "If-Match":

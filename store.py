@@ -49,6 +49,15 @@ class Unavailable(Exception):
     """The database cannot be reached (yet); the caller should try again later."""
 
 
+class Refused(Exception):
+    """An order line cannot be served: `reason` is "out-of-stock" (with the copies `left`) or
+    "not-for-sale" (the book is gone or has no price); `line` is its index in the order as sent."""
+
+    def __init__(self, line: int, reason: str, left: int | None = None) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line, self.reason, self.left = line, reason, left
+
+
 class Conflict(Exception):
     """A unique constraint refused the write; `field` names the column (email, isbn)."""
 
@@ -108,6 +117,46 @@ MIGRATIONS = [
     CREATE INDEX books_author_title ON books (author_fold, title, id);
     CREATE INDEX books_owner ON books (owner_id);
     """,
+    # 3: the shop. Books get a price (NULL: not for sale) and a stock. An order's lines copy the
+    # book's title and price of the moment and have no foreign key to books, so a later price
+    # change or deletion of the book leaves the order as it was. Idempotency keys are kept per
+    # user, hashed, with the request's fingerprint and the response it was answered with.
+    """
+    ALTER TABLE books ADD COLUMN price_cents BIGINT;
+    ALTER TABLE books ADD COLUMN stock BIGINT NOT NULL DEFAULT 0 CHECK (stock >= 0);
+    CREATE TABLE orders (
+        id {id},
+        buyer_id BIGINT NOT NULL REFERENCES users (id),
+        status TEXT NOT NULL,
+        total_cents BIGINT NOT NULL,
+        version BIGINT NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX orders_buyer ON orders (buyer_id, id);
+    CREATE INDEX orders_status ON orders (status, id);
+    CREATE TABLE order_lines (
+        order_id BIGINT NOT NULL REFERENCES orders (id),
+        position INTEGER NOT NULL,
+        book_id BIGINT NOT NULL,
+        title TEXT NOT NULL,
+        quantity INTEGER NOT NULL,
+        unit_price_cents BIGINT NOT NULL,
+        PRIMARY KEY (order_id, position)
+    );
+    CREATE TABLE idempotency_keys (
+        user_id BIGINT NOT NULL,
+        key_hash TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        status INTEGER,
+        body TEXT,
+        location TEXT,
+        etag TEXT,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (user_id, key_hash)
+    );
+    CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+    """,
 ]
 
 
@@ -151,6 +200,7 @@ class Store:
         self._reader: databases.core.Connection | None = None
         self._writer: databases.core.Connection | None = None
         self._write_lock: asyncio.Lock | None = None
+        self._last_purge = 0.0  # when expired idempotency keys were last purged (time.time())
 
     # -- connecting ------------------------------------------------------------------------------
 
@@ -394,20 +444,23 @@ class Store:
 
     # -- books -----------------------------------------------------------------------------------
 
-    BOOK = "id, title, author, year, pages, isbn, owner_id, version, created_at, updated_at"
+    BOOK = "id, title, author, year, pages, isbn, price_cents, stock, owner_id, version, created_at, updated_at"
 
     async def get_book(self, book_id: int) -> Row | None:
         return await self.one(f"SELECT {self.BOOK} FROM books WHERE id = :id", {"id": book_id})
 
-    async def create_book(self, *, owner_id: int, fields: dict[str, Any]) -> Row:
-        """Raises `Conflict("isbn")` when the ISBN is taken."""
+    async def create_book(self, *, owner_id: int, fields: dict[str, Any], run: Run | None = None) -> Row:
+        """Raises `Conflict("isbn")` when the ISBN is taken. Runs in the caller's transaction when
+        given its `run`, else as a statement of its own."""
         now = utc_now()
-        values = {**fields, "owner_id": owner_id, "now": now,
+        values = {"year": None, "pages": None, "isbn": None, "price_cents": None, "stock": 0, **fields,
+                  "owner_id": owner_id, "now": now,
                   "title_fold": fields["title"].casefold(), "author_fold": fields["author"].casefold()}
-        return await self.one(
-            f"INSERT INTO books (title, author, year, pages, isbn, owner_id, title_fold, author_fold, "
-            f"created_at, updated_at) VALUES (:title, :author, :year, :pages, :isbn, :owner_id, "
-            f":title_fold, :author_fold, :now, :now) RETURNING {self.BOOK}", values, write=True)
+        sql = (f"INSERT INTO books (title, author, year, pages, isbn, price_cents, stock, owner_id, title_fold, "
+               f"author_fold, created_at, updated_at) VALUES (:title, :author, :year, :pages, :isbn, :price_cents, "
+               f":stock, :owner_id, :title_fold, :author_fold, :now, :now) RETURNING {self.BOOK}")
+        rows = await (run(sql, values) if run else self.query(sql, values, write=True))
+        return rows[0]
 
     async def update_book(self, book_id: int, fields: dict[str, Any], *, version: int | None) -> Row | None:
         """Set the given fields in one statement; None when the book is gone or, if `version` is
@@ -467,3 +520,139 @@ class Store:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return await self.query(f"SELECT {self.BOOK} FROM books {where} ORDER BY {order} LIMIT :limit", values,
                                 scan=q is not None)
+
+    # -- orders ----------------------------------------------------------------------------------
+
+    ORDER = "id, buyer_id, status, total_cents, version, created_at, updated_at"
+    LINE = "order_id, book_id, title, quantity, unit_price_cents, quantity * unit_price_cents AS line_total_cents"
+
+    async def place_order(self, run: Run, *, buyer_id: int, lines: list[tuple[int, int]]) -> Row:
+        """Take each line's (book id, quantity) off its book's stock and record the order, in the
+        caller's transaction. Raises `Refused` for the first line, in book-id order, that cannot
+        be served; the caller's rollback then undoes the lines taken before it.
+
+        Books are updated in book-id order, whatever order the lines came in: each UPDATE locks its
+        row until the commit, and two orders taking the same rows in opposite orders could each
+        hold a lock the other waits for, a deadlock that PostgreSQL breaks by failing one of them.
+        The stock check is the UPDATE's own condition (`stock >= :quantity`), never a read and
+        then a write in Python, so two orders can never both take the last copy.
+        """
+        now = utc_now()
+        taken: dict[int, Row] = {}
+        for position, (book_id, quantity) in sorted(enumerate(lines), key=lambda line: line[1][0]):
+            rows = await run(
+                "UPDATE books SET stock = stock - :quantity, version = version + 1, updated_at = :now "
+                "WHERE id = :id AND price_cents IS NOT NULL AND stock >= :quantity RETURNING title, price_cents",
+                {"id": book_id, "quantity": quantity, "now": now})
+            if not rows:
+                book = await run("SELECT stock, price_cents FROM books WHERE id = :id", {"id": book_id})
+                if not book or book[0]["price_cents"] is None:
+                    raise Refused(position, "not-for-sale")
+                raise Refused(position, "out-of-stock", left=book[0]["stock"])
+            taken[position] = rows[0]
+        items = [{"book_id": book_id, "title": taken[position]["title"], "quantity": quantity,
+                  "unit_price_cents": taken[position]["price_cents"],
+                  "line_total_cents": quantity * taken[position]["price_cents"]}
+                 for position, (book_id, quantity) in enumerate(lines)]
+        [order] = await run(
+            f"INSERT INTO orders (buyer_id, status, total_cents, created_at, updated_at) "
+            f"VALUES (:buyer_id, 'placed', :total, :now, :now) RETURNING {self.ORDER}",
+            {"buyer_id": buyer_id, "total": sum(item["line_total_cents"] for item in items), "now": now})
+        for position, item in enumerate(items):
+            await run("INSERT INTO order_lines (order_id, position, book_id, title, quantity, unit_price_cents) "
+                      "VALUES (:order_id, :position, :book_id, :title, :quantity, :unit_price_cents)",
+                      {"order_id": order["id"], "position": position, **{k: item[k] for k in (
+                          "book_id", "title", "quantity", "unit_price_cents")}})
+        return {**order, "items": items}
+
+    async def _with_items(self, orders: list[Row], run: Run | None = None) -> list[Row]:
+        """The orders with their lines (`items`, in the order placed), read in one query."""
+        if not orders:
+            return orders
+        values = {f"o{n}": order["id"] for n, order in enumerate(orders)}
+        sql = (f"SELECT {self.LINE} FROM order_lines WHERE order_id IN ({', '.join(':' + name for name in values)}) "
+               f"ORDER BY order_id, position")
+        items: dict[int, list[Row]] = {order["id"]: [] for order in orders}
+        for line in await (run(sql, values) if run else self.query(sql, values)):
+            items[line.pop("order_id")].append(line)
+        return [{**order, "items": items[order["id"]]} for order in orders]
+
+    async def get_order(self, order_id: int) -> Row | None:
+        order = await self.one(f"SELECT {self.ORDER} FROM orders WHERE id = :id", {"id": order_id})
+        return (await self._with_items([order]))[0] if order else None
+
+    async def list_orders(self, *, limit: int, descending: bool, after: int | None,
+                          buyer_id: int | None, status: str | None) -> list[Row]:
+        """Up to `limit` orders in id order after the id `after` (keyset), with their lines."""
+        conditions, values = [], {"limit": limit}
+        for column, value in (("buyer_id", buyer_id), ("status", status)):
+            if value is not None:
+                conditions.append(f"{column} = :{column}")
+                values[column] = value
+        if after is not None:
+            conditions.append("id < :after" if descending else "id > :after")
+            values["after"] = after
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        orders = await self.query(f"SELECT {self.ORDER} FROM orders {where} "
+                                  f"ORDER BY id {'DESC' if descending else 'ASC'} LIMIT :limit", values)
+        return await self._with_items(orders)
+
+    async def move_order(self, order_id: int, *, from_status: str, to_status: str,
+                         version: int | None) -> Row | None:
+        """Move the order from `from_status` to `to_status` in one conditional UPDATE; None when it
+        is gone, no longer has that status or, if `version` is given, that version. Cancelling
+        puts each line's quantity back on its book (when the book still exists) in the same
+        transaction, again in book-id order."""
+        now = utc_now()
+        condition = "" if version is None else " AND version = :version"
+        values = {"id": order_id, "from": from_status, "to": to_status, "now": now}
+        if version is not None:
+            values["version"] = version
+        async with self.transaction() as run:
+            rows = await run(f"UPDATE orders SET status = :to, version = version + 1, updated_at = :now "
+                             f"WHERE id = :id AND status = :from{condition} RETURNING {self.ORDER}", values)
+            if not rows:
+                return None
+            if to_status == "cancelled":
+                for line in await run("SELECT book_id, quantity FROM order_lines WHERE order_id = :id "
+                                      "ORDER BY book_id", {"id": order_id}):
+                    await run("UPDATE books SET stock = stock + :quantity, version = version + 1, updated_at = :now "
+                              "WHERE id = :book_id", {**line, "now": now})
+            return (await self._with_items(rows, run))[0]
+
+    # -- idempotency keys ------------------------------------------------------------------------
+
+    async def claim_key(self, run: Run, *, user_id: int, key_hash: str, fingerprint: str,
+                        ttl: int) -> Row | None:
+        """Write the key first, in the caller's transaction: None when this request now holds it,
+        else the record of the request that did (`fingerprint`, `status`, `body`, `location`, `etag`).
+
+        Written first, a concurrent request with the same key waits on this row (PostgreSQL's
+        unique index; SQLite's write lock) until the first commits, then finds its response; and a
+        crash leaves the key and the write it guards both committed or neither. A key past its
+        expiry is forgotten here; all expired keys are purged at most every ten minutes.
+        """
+        now = int(time.time())
+        if now - self._last_purge >= 600:
+            self._last_purge = now
+            await run("DELETE FROM idempotency_keys WHERE expires_at <= :now", {"now": now})
+        else:
+            await run("DELETE FROM idempotency_keys WHERE user_id = :user_id AND key_hash = :key_hash "
+                      "AND expires_at <= :now", {"user_id": user_id, "key_hash": key_hash, "now": now})
+        values = {"user_id": user_id, "key_hash": key_hash}
+        if await run("INSERT INTO idempotency_keys (user_id, key_hash, fingerprint, expires_at) "
+                     "VALUES (:user_id, :key_hash, :fingerprint, :expires_at) "
+                     "ON CONFLICT (user_id, key_hash) DO NOTHING RETURNING user_id",
+                     {**values, "fingerprint": fingerprint, "expires_at": now + ttl}):
+            return None
+        rows = await run("SELECT fingerprint, status, body, location, etag FROM idempotency_keys "
+                         "WHERE user_id = :user_id AND key_hash = :key_hash", values)
+        return rows[0]
+
+    async def record_response(self, run: Run, *, user_id: int, key_hash: str, status: int, body: str,
+                              location: str | None, etag: str | None) -> None:
+        """Keep the answer to a key's first request, in that request's own transaction."""
+        await run("UPDATE idempotency_keys SET status = :status, body = :body, location = :location, etag = :etag "
+                  "WHERE user_id = :user_id AND key_hash = :key_hash",
+                  {"user_id": user_id, "key_hash": key_hash, "status": status, "body": body,
+                   "location": location, "etag": etag})

@@ -66,7 +66,7 @@ class HTTPProblem(Exception):
 
 TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
           405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
-          413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+          413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -90,10 +90,12 @@ def invalid_body(error: Exception, pattern_messages: dict[str, str]) -> HTTPProb
     message = re.sub(r"Expected `str` matching regex '.*'", lambda _: pattern_messages.get(
         re.search(r"`\$\.(\w+)`", message).group(1), "Expected a different format"), message)
     path = re.search(r" - at `\$(.*)`$", message)
-    field = re.search(r"(?:missing required|unknown) field `(.+)`", message)
+    field = re.search(r"(?:missing required|unknown) field `([^`]+)`", message)
     if path:
         message = message[: path.start()]
         pointer = "#" + re.sub(r"\.|\[(\d+)\]", lambda m: "/" + (m.group(1) or ""), path.group(1))
+        if field:  # a field missing from (or unknown to) a nested object: point at the field itself
+            pointer += f"/{field.group(1)}"
     else:
         pointer = f"#/{field.group(1)}" if field else "#"
     return HTTPProblem(400, f"{message} ({pointer})", errors=[{"pointer": pointer, "detail": message}])
@@ -262,6 +264,7 @@ class Operation:
     private: bool = False  # `Cache-Control: no-store` on every answer here and below (accounts, credentials)
     counted: bool = True  # counted by the rate limits (probes and docs are not)
     strict_limit: bool = False  # also counted by the strict per-route limit (signing in, signing up)
+    idempotent: bool = False  # honours an Idempotency-Key header (a retried POST is answered, not redone)
 
 
 def routes(operations: Iterable[Operation]) -> list[Route]:
