@@ -19,7 +19,6 @@ command line. It leans on four modules, each with one role:
 import asyncio
 import contextlib
 import dataclasses
-import getpass
 import hashlib
 import os
 import re
@@ -38,12 +37,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import auth
+import commands
 import openapi
 import store as storage
 import web
 from web import (JSON, MERGE_PATCH, HTTPProblem, Operation, app_path, decode, encoder, etag_matches,
-                 json_response, make_cursor, next_page, parse_query, path_id, problem_response, read_cursor,
-                 read_json)
+                 idempotency_key, json_response, make_cursor, next_page, parse_query, path_id, problem_response,
+                 read_cursor, read_json)
 
 # == Configuration ================================================================================
 
@@ -409,28 +409,6 @@ async def list_users(request: Request) -> Response:
 # A client that lost an answer sends the same POST again with the same `Idempotency-Key`
 # (draft-ietf-httpapi-idempotency-key-header) and gets the first answer back instead of a second
 # order. The key is written first, in the write's own transaction (store.claim_key says why).
-
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # 1–255 visible ASCII characters
-SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')  # RFC 8941 §3.3.3
-
-
-def idempotency_key(request: Request) -> str | None:
-    """The request's key, without the quotes of a structured-field string (`"k1"` is `k1`); None
-    without the header; 400 naming the header for anything else."""
-    values = request.headers.getlist("idempotency-key")
-    if not values:
-        return None
-    key = values[0].strip() if len(values) == 1 else ""
-    if string := SF_STRING.fullmatch(key):
-        key = re.sub(r"\\(.)", r"\1", string.group(1))
-    elif key.startswith('"'):
-        key = ""  # a quote that does not open a well-formed string
-    if not IDEMPOTENCY_KEY.fullmatch(key):
-        detail = "Expected one key of 1–255 visible ASCII characters, optionally in double quotes"
-        raise HTTPProblem(400, f"Header `Idempotency-Key`: {detail}.",
-                          errors=[{"header": "Idempotency-Key", "detail": detail}])
-    return key
-
 
 async def idempotent(request: Request, user: storage.Row, key: str, body: bytes,
                      write: Callable[[storage.Run], Awaitable[Response]]) -> Response:
@@ -843,73 +821,20 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
 # == Command line =================================================================================
 
 
-def read_password() -> str:
-    """From the terminal without echo, or one plain line when stdin is piped."""
-    if sys.stdin.isatty():
-        return getpass.getpass("Password: ")
-    return sys.stdin.readline().rstrip("\r\n")
-
-
-async def create_admin(store: storage.Store, email: str, name: str, password: str) -> int:
-    """Create an admin, or promote the existing user with that email (password unchanged).
-
-    :raise HTTPProblem: a new user's email, name or password breaks the registration rules.
-    """
-    try:
-        await store.connect()
-        user = await store.promote_user(email.lower())
-        if user is None:
-            decode(encoder.encode({"email": email, "name": name, "password": password}), UserIn)
-            password_hash = await auth.hash_password(password)
-            user = await store.create_user(email=email.lower(), name=name, password_hash=password_hash, role="admin")
-        return user["id"]
-    finally:
-        await store.disconnect()
-
-
-DEMO_USER = {"email": "demo@example.com", "name": "Demo", "password": "demo password"}
-DEMO_BOOKS = [
-    {"title": "Clean Code", "author": "Robert C. Martin", "year": 2008, "pages": 464, "isbn": "9780132350884",
-     "price_cents": 3999, "stock": 12},
-    {"title": "Structure and Interpretation of Computer Programs", "author": "Harold Abelson",
-     "year": 1996, "pages": 657, "isbn": "9780262510875", "price_cents": 5500, "stock": 3},
-    {"title": "The Pragmatic Programmer", "author": "Andrew Hunt", "year": 1999, "pages": 352, "isbn": None,
-     "price_cents": 4250, "stock": 7},
-    {"title": "Fluent Python", "author": "Luciano Ramalho", "year": 2022, "pages": 1012, "isbn": "9781492056355",
-     "price_cents": 6599, "stock": 1},
-    {"title": "Designing Data-Intensive Applications", "author": "Martin Kleppmann", "year": 2017,
-     "pages": 616, "isbn": "9781449373320", "price_cents": None, "stock": 0},  # not for sale
-]
-
-
-async def fill_demo(store: storage.Store) -> str:
-    """Give an empty database a sample user and a few books with prices and stock, so that a first
-    visit to /docs has something to show and to buy."""
-    try:
-        await store.connect()
-        if await store.list_books(limit=1, sort="id", author=None, q=None, after=None):
-            return "The database already has books; nothing added."
-        user = await store.get_login(DEMO_USER["email"])
-        if user is None:
-            user = await store.create_user(email=DEMO_USER["email"], name=DEMO_USER["name"],
-                                           password_hash=await auth.hash_password(DEMO_USER["password"]))
-        for book in DEMO_BOOKS:
-            await store.create_book(owner_id=user["id"], fields=book)
-        return (f"Added {len(DEMO_BOOKS)} books and the user {DEMO_USER['email']} "
-                f"(password: {DEMO_USER['password']!r}); sign in at /docs.")
-    finally:
-        await store.disconnect()
-
-
 def main(argv: list[str]) -> int:
     if argv == ["demo"]:
-        print(asyncio.run(fill_demo(create_app().state.quire.store)))
+        print(asyncio.run(commands.fill_demo(create_app().state.quire.store)))
         return 0
     if argv[:1] == ["create-admin"] and len(argv) == 3:
         app = create_app()
-        password = read_password()
+        password = commands.read_password()
+
+        def check_new_user(fields: dict[str, str]) -> None:  # the registration's own rules
+            decode(encoder.encode(fields), UserIn)
+
         try:
-            print(asyncio.run(create_admin(app.state.quire.store, argv[1], argv[2], password)))
+            print(asyncio.run(commands.create_admin(app.state.quire.store, argv[1], argv[2], password,
+                                                    check_new_user=check_new_user)))
         except HTTPProblem as problem:
             print(f"create-admin: {problem.detail}", file=sys.stderr)
             return 2

@@ -54,6 +54,7 @@ from starlette.testclient import TestClient
 
 import api
 import auth
+import commands
 import openapi
 import store as storage
 import web
@@ -183,7 +184,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 EMAIL_PATTERN_DETAIL = "Expected an email address like ada@example.com"
 
 
-RUNTIME_MODULES = ("api", "web", "openapi", "store", "auth")
+RUNTIME_MODULES = ("api", "web", "openapi", "commands", "store", "auth")
 
 
 def quire_imports(module: str) -> set[str]:
@@ -197,8 +198,9 @@ def quire_imports(module: str) -> set[str]:
 
 def test_the_runtime_modules_import_each_other_as_a_tree_with_api_at_the_top():
     assert {module: quire_imports(module) for module in RUNTIME_MODULES} == {
-        "api": {"web", "openapi", "store", "auth"},
+        "api": {"web", "openapi", "commands", "store", "auth"},
         "openapi": {"web"},  # the generic modules know nothing of quire's own
+        "commands": {"store", "auth"},
         "web": set(), "store": set(), "auth": set()}
 
 
@@ -4449,12 +4451,12 @@ def test_in_a_browser_swagger_ui_renders_authorizes_and_tries_it_out(make_app, p
 def test_demo_fills_an_empty_database_once_with_a_user_who_can_sign_in(database_url, make_app):
     first = run_python(None, "demo", env={"DATABASE_URL": database_url})
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith(f"Added {len(api.DEMO_BOOKS)} books")
+    assert first.stdout.startswith(f"Added {len(commands.DEMO_BOOKS)} books")
     again = run_python(None, "demo", env={"DATABASE_URL": database_url})
     assert again.stdout.strip() == "The database already has books; nothing added."
     with TestClient(make_app()) as client:
         books = client.get(BOOKS, params={"limit": 100}).json()["items"]
-        assert [book["title"] for book in books] == [book["title"] for book in api.DEMO_BOOKS]
-        token = token_for(client, api.DEMO_USER["email"], api.DEMO_USER["password"])
+        assert [book["title"] for book in books] == [book["title"] for book in commands.DEMO_BOOKS]
+        token = token_for(client, commands.DEMO_USER["email"], commands.DEMO_USER["password"])
         me = client.get(ME, headers=bearer(token)).json()
         assert {book["owner_id"] for book in books} == {me["id"]}

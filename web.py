@@ -181,6 +181,28 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
     return Response(encoder.encode(value), status, headers, JSON)
 
 
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # 1–255 visible ASCII characters
+SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')  # RFC 8941 §3.3.3
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's key, without the quotes of a structured-field string (`"k1"` is `k1`); None
+    without the header; 400 naming the header for anything else."""
+    values = request.headers.getlist("idempotency-key")
+    if not values:
+        return None
+    key = values[0].strip() if len(values) == 1 else ""
+    if string := SF_STRING.fullmatch(key):
+        key = re.sub(r"\\(.)", r"\1", string.group(1))
+    elif key.startswith('"'):
+        key = ""  # a quote that does not open a well-formed string
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        detail = "Expected one key of 1–255 visible ASCII characters, optionally in double quotes"
+        raise HTTPProblem(400, f"Header `Idempotency-Key`: {detail}.",
+                          errors=[{"header": "Idempotency-Key", "detail": detail}])
+    return key
+
+
 def etag_matches(header: str, current: str, *, weak: bool) -> bool:
     """RFC 9110 list matching: `*` or any listed tag. Weak comparison ignores `W/`."""
     for tag in header.split(","):
