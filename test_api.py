@@ -4404,7 +4404,7 @@ def execute(browser: Browser, block: str) -> tuple[str, str, str]:
 def test_in_a_browser_swagger_ui_renders_authorizes_and_tries_it_out(make_app, prefix):
     """Swagger UI in headless Chromium, offline: it renders every operation, "Try it out"
     registers and signs in with the documented examples, Authorize takes the token, and
-    GET /users/me answers 200 through it. The page reports no error, the CSP blocks nothing, and
+    GET /users/me answers 200 through it, then a book is created and an order for it placed. The page reports no error, the CSP blocks nothing, and
     nothing is fetched from anywhere but the app."""
     app = make_app()
     outer = Starlette(routes=[Mount(prefix, app=app)]) if prefix else app
@@ -4439,6 +4439,11 @@ def test_in_a_browser_swagger_ui_renders_authorizes_and_tries_it_out(make_app, p
             assert json.loads(body)["email"] == "ada@example.com"
             status, body, _ = execute(browser, "document.getElementById('operations-books-create_book')")
             assert status == "201", body
+            assert json.loads(body)["id"] == 1 and json.loads(body)["stock"] == 12  # the book the order example buys
+            status, body, url = execute(browser, "document.getElementById('operations-orders-place_order')")
+            assert status == "201", body
+            assert url == f"{origin}{prefix}/api/v1/orders"
+            assert json.loads(body)["items"][0]["title"] == "Clean Code"
 
             assert browser.problems(origin) == []
     finally:
