@@ -41,7 +41,7 @@ import commands
 import openapi
 import store as storage
 import web
-from web import (JSON, MERGE_PATCH, HTTPProblem, Operation, app_path, decode, encoder, etag_matches,
+from web import (JSON, MERGE_PATCH, HTTPProblem, Kind, Operation, app_path, decode, encoder, etag_matches,
                  idempotency_key, json_response, make_cursor, next_page, parse_query, path_id, problem_response,
                  read_cursor, read_json)
 
@@ -280,20 +280,51 @@ class OrderQuery(RequestBody):
     buyer_id: Id | None = None  # admins only
 
 
-# == Errors quire adds to web.py's =================================================================
+# == Problems =====================================================================================
+# The kinds of problem quire adds to web.py's HTTP ones: where one status means several things, a
+# client tells them apart by `type`. KINDS is the one table; `GET /problems/{kind}` serves it.
+
+TAKEN = Kind("taken", 409, "Already taken",
+             "The email or ISBN that `errors` points at belongs to another user or book; choose another.")
+OUT_OF_STOCK = Kind("out-of-stock", 409, "Not enough stock",
+                    "The line that `errors` points at asks for more copies than are left (the detail says how "
+                    "many); order fewer. Nothing was ordered.")
+NOT_FOR_SALE = Kind("not-for-sale", 409, "Not for sale",
+                    "The book of the line that `errors` points at is gone or has no price; remove the line. "
+                    "Nothing was ordered.")
+INVALID_TRANSITION = Kind("invalid-transition", 409, "Not a possible move",
+                          "The order's status does not allow this move (placed → paid → shipped, placed or paid → "
+                          "cancelled); GET the order to see where it stands.")
+KEY_REUSED = Kind("idempotency-key-reused", 422, "Idempotency key reused",
+                  "This Idempotency-Key came before with another request; use a new key for a new request.")
+TOKEN_EXPIRED = Kind("token-expired", 401, "Token expired",
+                     "The access token is past its expiry: get a new one (refresh, or sign in again).")
+TOKEN_REVOKED = Kind("token-revoked", 401, "Token revoked",
+                     "The token was revoked (a logout, or a password change): sign in again.")
+KINDS = {kind.name: kind for kind in [*web.HTTP_KINDS, TAKEN, OUT_OF_STOCK, NOT_FOR_SALE, INVALID_TRANSITION,
+                                      KEY_REUSED, TOKEN_EXPIRED, TOKEN_REVOKED]}
 
 
-def unauthorized(detail: str) -> HTTPProblem:
-    return HTTPProblem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="quire"'})
+class ProblemKind(Struct):
+    type: str
+    title: str
+    status: int
+    description: str
+
+
+def unauthorized(detail: str, kind: Kind | None = None) -> HTTPProblem:
+    return HTTPProblem(401, detail, kind=kind, headers={"WWW-Authenticate": 'Bearer realm="quire"'})
 
 
 async def on_unavailable(request: Request, error: storage.Unavailable) -> Response:
-    return problem_response(503, "The database is unavailable; try again shortly.", headers={"Retry-After": "2"})
+    return problem_response(request.scope, 503, "The database is unavailable; try again shortly.",
+                            headers={"Retry-After": "2"})
 
 
 async def on_conflict(request: Request, error: storage.Conflict) -> Response:
     detail = f"That {error.field} is already taken."
-    return problem_response(409, detail, errors=[{"pointer": f"#/{error.field}", "detail": detail}])
+    return problem_response(request.scope, 409, detail, kind=TAKEN,
+                            errors=[{"pointer": f"#/{error.field}", "detail": detail}])
 
 
 # == Helpers for handlers =========================================================================
@@ -330,10 +361,13 @@ async def signed_in(request: Request) -> storage.Row:
         if not 0 < user_id < 2**63:
             raise ValueError("its subject is not a user id")
     except (auth.InvalidToken, ValueError) as error:
-        raise unauthorized(f"The token was refused: {error}.") from None
+        kind = TOKEN_EXPIRED if isinstance(error, auth.TokenExpired) else None
+        raise unauthorized(f"The token was refused: {error}.", kind) from None
     user = await app.store.get_token_user(user_id, claims["jti"])
     if user is None:
-        raise unauthorized("The token was revoked, or its user no longer exists.")
+        raise unauthorized("The token's user no longer exists.")
+    if user.pop("revoked"):
+        raise unauthorized("The token was revoked; sign in again.", TOKEN_REVOKED)
     request.state.claims = claims
     return user
 
@@ -432,7 +466,7 @@ async def idempotent(request: Request, user: storage.Row, key: str, body: bytes,
             return response
     if record["fingerprint"] != fingerprint:
         detail = "This Idempotency-Key was sent before with another request; use a new key for a new request"
-        raise HTTPProblem(422, f"{detail}.", errors=[{"header": "Idempotency-Key", "detail": detail}])
+        raise HTTPProblem(422, f"{detail}.", kind=KEY_REUSED, errors=[{"header": "Idempotency-Key", "detail": detail}])
     headers = {"Idempotent-Replayed": "true"}
     headers |= {name: record[name.lower()] for name in ("Location", "ETag") if record[name.lower()]}
     return Response(record["body"], record["status"], headers, JSON)
@@ -615,7 +649,8 @@ def refused(error: storage.Refused, lines: list[tuple[int, int]]) -> HTTPProblem
     else:
         pointer = f"#/items/{error.line}/book_id"
         detail = f"Book {book_id} does not exist or is not for sale"
-    return HTTPProblem(409, f"{detail} ({pointer}); nothing was ordered.",
+    kind = OUT_OF_STOCK if error.reason == "out-of-stock" else NOT_FOR_SALE
+    return HTTPProblem(409, f"{detail} ({pointer}); nothing was ordered.", kind=kind,
                        errors=[{"pointer": pointer, "detail": detail}])
 
 
@@ -690,13 +725,27 @@ async def move_order(request: Request) -> Response:
     if to_status not in MOVES[order["status"]]:
         allowed = " or ".join(f"'{status}'" for status in MOVES[order["status"]]) or "nothing else"
         detail = f"An order that is '{order['status']}' cannot become '{to_status}'; it can become {allowed}"
-        raise HTTPProblem(409, f"{detail} (#/status).", errors=[{"pointer": "#/status", "detail": detail}])
+        raise HTTPProblem(409, f"{detail} (#/status).", kind=INVALID_TRANSITION, errors=[{"pointer": "#/status", "detail": detail}])
     moved = await quire(request).store.move_order(order["id"], from_status=order["status"],
                                                   to_status=to_status, version=version)
     if moved is None:  # another move won the compare-and-set
-        raise HTTPProblem(412 if version is not None else 409,
-                          "The order changed while this request was in flight; fetch it again.")
+        detail = "The order changed while this request was in flight; fetch it again."
+        if version is not None:
+            raise HTTPProblem(412, detail)
+        raise HTTPProblem(409, detail, kind=INVALID_TRANSITION)
     return order_response(moved)
+
+
+# == Problems and probes ==========================================================================
+
+
+async def describe_problem(request: Request) -> Response:
+    """What a kind of problem means and what a client should do about it; `type` links here."""
+    kind = KINDS.get(request.path_params["kind"])
+    if kind is None:
+        raise HTTPProblem(404, f"There is no kind of problem called {request.path_params['kind']!r}.")
+    return json_response(ProblemKind(type=app_path(request, f"/problems/{kind.name}"), title=kind.title,
+                                     status=kind.status, description=kind.advice))
 
 
 # == Probes ========================================================================================
@@ -751,13 +800,16 @@ OPERATIONS = [
               private=True),
     Operation("GET", "/healthz", healthz, "operations", (200, Status), counted=False),
     Operation("GET", "/readyz", readyz, "operations", (200, Status), errors=(503,), counted=False),
+    Operation("GET", "/problems/{kind}", describe_problem, "problems", (200, ProblemKind), errors=(404,),
+              counted=False),
 ]
 
 DOCS = openapi.Docs(
     OPERATIONS, title="quire", version="1.0.0",
     description="A small bookstore API. Sign in with POST /api/v1/auth/token, "
                 "then press Authorize and paste the access_token.",
-    security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}})
+    security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+    problem_kinds=list(KINDS))
 
 
 # == The app ======================================================================================
@@ -806,7 +858,7 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
         middleware.append(Middleware(
             web.RateLimitMiddleware, per_minute=settings.rate_limit, auth_per_minute=settings.auth_rate_limit,
             strict=[(op.method, op.path) for op in operations if op.strict_limit],
-            uncounted=[op.path for op in operations if not op.counted], uncounted_prefixes=("/docs/",)))
+            uncounted=[op.path for op in operations if not op.counted], uncounted_prefixes=("/docs/", "/problems/")))
     app = Starlette(
         routes=web.routes(operations) + DOCS.asset_routes(),
         middleware=middleware,

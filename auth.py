@@ -82,6 +82,10 @@ class InvalidToken(Exception):
     """The token is malformed, forged, expired or otherwise unusable; the message says which."""
 
 
+class TokenExpired(InvalidToken):
+    """The token was good, but its `exp` (plus the leeway) has passed: the client should refresh."""
+
+
 def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -158,7 +162,7 @@ def _read_token(token: str, key: bytes, now: float) -> dict[str, Any]:
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         raise InvalidToken("the token has no numeric expiry")
     if now > exp + LEEWAY_SECONDS:
-        raise InvalidToken("the token has expired")
+        raise TokenExpired("the token has expired")
     if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("jti"), str):
         raise InvalidToken("the token lacks a subject or an id")
     return claims

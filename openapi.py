@@ -77,9 +77,9 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
 
 def describe_parameters(operation: Operation) -> list[dict[str, Any]]:
     parameters = []
-    for name in re.findall(r"\{(\w+):int\}", operation.path):
-        parameters.append({"name": name, "in": "path", "required": True,
-                           "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}})
+    for name, converter in re.findall(r"\{(\w+)(:\w+)?\}", operation.path):
+        schema = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1} if converter == ":int" else {"type": "string"}
+        parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
     if operation.query is not None:
         (_,), components = msgspec.json.schema_components([operation.query])
         schema = components[operation.query.__name__]
@@ -129,6 +129,7 @@ class Docs:
     """An API's OpenAPI document and Swagger UI, for the operations it is given plus its own two
     (`GET /openapi.json`, `GET /docs`), which `operations` lists for the app's routes.
 
+    Problems' `type`s are listed in the `Problem` schema, one per kind in `problem_kinds`.
     The document is made once per mount prefix (its `servers` entry carries the prefix, so "Try
     it out" works when the app is embedded); at most `MAX_PREFIXES` are kept, because under a
     parametrised mount the client chooses the prefix.
@@ -137,8 +138,9 @@ class Docs:
     MAX_PREFIXES = 64
 
     def __init__(self, operations: Sequence[Operation], *, title: str, version: str, description: str,
-                 security_schemes: dict[str, dict[str, Any]]) -> None:
+                 security_schemes: dict[str, dict[str, Any]], problem_kinds: Sequence[str]) -> None:
         self.title, self.version, self.description = title, version, description
+        self.problem_kinds = problem_kinds
         self.security_schemes = security_schemes
         self.operations = [
             *operations,
@@ -154,6 +156,10 @@ class Docs:
         types = {Problem} | {t for op in self.operations for t in (op.ok[1], op.body) if isinstance(t, type)}
         _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
                                                     ref_template="#/components/schemas/{name}")
+        # A problem's `type` is one of the kinds, each a path of this app (served at that path).
+        schemas["Problem"]["properties"]["type"] = {
+            "type": "string", "enum": [f"{root_path}/problems/{kind}" for kind in self.problem_kinds],
+            "description": "The kind of problem; GET it for what it means and what to do"}
         security = [{name: []} for name in self.security_schemes]
         paths: dict[str, dict[str, Any]] = {}
         for operation in self.operations:

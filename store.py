@@ -422,11 +422,11 @@ class Store:
                               {"email": email})
 
     async def get_token_user(self, user_id: int, jti: str) -> Row | None:
-        """The token's user, unless the user is gone or the token was revoked, in one query."""
+        """The token's user, with `revoked` true when the token was revoked; None when the user is
+        gone. One query, for every authenticated request."""
         return await self.one(
-            f"SELECT {self.USER} FROM users WHERE id = :id "
-            f"AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = :jti)",
-            {"id": user_id, "jti": jti})
+            f"SELECT {self.USER}, EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = :jti) AS revoked "
+            f"FROM users WHERE id = :id", {"id": user_id, "jti": jti})
 
     async def revoke_token(self, jti: str, expires_at: int) -> None:
         """Remember a logged-out token until it expires anyway; forget the ones that have."""

@@ -2825,6 +2825,94 @@ def test_orders_and_cancels_killed_mid_flight_leave_the_stock_adding_up(tmp_path
     assert sum(ordered.values()) > 0, "the load placed no order before the kill"
     assert {book_id: now[book_id] + ordered[book_id] for book_id in ids} == initial
 
+# == Problem types ================================================================================
+
+
+def provoke_every_kind(client: TestClient) -> dict[str, Any]:
+    """One response for each kind of problem, made through the API as a client would meet it."""
+    _, headers = signed_in_user(client)
+    user = register(client)
+    book = for_sale(client, headers, stock=1)
+    store = client.app.state.quire.store
+    stale = current(client, book["id"])[1]
+    client.patch(f"{BOOKS}/{book['id']}", json={"pages": 2}, headers=headers)
+    order = place(client, headers, (book["id"], 1)).json()
+    client.post(BOOKS, json=book_fields(), headers={**headers, "Idempotency-Key": "reused"})
+    revoked = bearer(token_for(client, user["email"]))
+    client.post(LOGOUT, headers=revoked)
+    expired = bearer(forge(signing_key(client), claims(user["id"], exp=int(time.time()) - 120)))
+    responses = {
+        "validation": client.post(USERS, json={"email": "nobody"}),
+        "unauthenticated": client.get(ME),
+        "forbidden": client.get(USERS, headers=headers),
+        "not-found": client.get(f"{BOOKS}/999999"),
+        "method-not-allowed": client.put(ME, headers=headers),
+        "version-mismatch": client.patch(f"{BOOKS}/{book['id']}", json={"pages": 3},
+                                         headers={**headers, "If-Match": stale}),
+        "too-large": client.post(BOOKS, content=b"x" * 5000, headers={**headers, **JSON_HEADERS}),
+        "unsupported-media-type": client.post(BOOKS, content=b"{}", headers={**headers, "Content-Type": "text/plain"}),
+        "taken": client.post(USERS, json=user_body(email=user["email"])),
+        "out-of-stock": place(client, headers, (book["id"], 1)),
+        "not-for-sale": place(client, headers, (999_999, 1)),
+        "invalid-transition": client.patch(f"{ORDERS}/{order['id']}", json={"status": "shipped"},
+                                           headers=admin(client)),
+        "idempotency-key-reused": client.post(BOOKS, json=book_fields(title="Another"),
+                                              headers={**headers, "Idempotency-Key": "reused"}),
+        "token-expired": client.get(ME, headers=expired),
+        "token-revoked": client.get(ME, headers=revoked),
+        "rate-limited": [client.post(TOKEN, json={"email": user["email"], "password": PASSWORD})
+                         for _ in range(4)][-1],
+    }
+    for name, failure in (("internal", fail_with_internals), ("unavailable", unreachable)):
+        store.get_book = failure  # an instance attribute, shadowing the method until deleted
+        try:
+            responses[name] = client.get(f"{BOOKS}/{book['id']}")
+        finally:
+            del store.get_book
+    return responses
+
+
+def unreachable(*args, **kwargs):
+    raise storage.Unavailable("the database is away, for the test")
+
+
+@pytest.mark.parametrize("prefix", ["", "/shop"])
+def test_every_kind_of_problem_has_its_own_type_and_title_described_at_that_url(make_app, prefix):
+    app = make_app(max_body=2000, rate_limit=1000, auth_rate_limit=5)
+    outer = Starlette(routes=[Mount(prefix, app=app)]) if prefix else app
+    with TestClient(outer, base_url=f"http://testserver{prefix}") as client:
+        client.app = app  # the helpers reach quire's store through client.app; requests go through `outer`
+        responses = provoke_every_kind(client)
+        assert set(responses) == set(api.KINDS), "every kind is provoked once"
+        for name, response in responses.items():
+            kind = api.KINDS[name]
+            body = assert_problem(response, kind.status)
+            assert body["type"] == f"{prefix}/problems/{name}", (name, body)
+            assert body["title"] == kind.title, (name, body)
+            described = client.get(f"http://testserver{body['type']}")
+            assert described.status_code == 200, (name, described.text)
+            assert described.json() == {"type": body["type"], "title": kind.title, "status": kind.status,
+                                        "description": kind.advice}
+            check_against_openapi(outer, response)
+        titles = [kind.title for kind in api.KINDS.values()]
+        assert len(set(titles)) == len(titles), "a title names one kind"
+
+
+def test_an_unknown_kind_of_problem_is_404(client):
+    assert_problem(client.get("/problems/oops"), 404, "no kind of problem called 'oops'")
+
+
+def test_problem_descriptions_are_not_rate_limited(make_app):
+    with TestClient(make_app(rate_limit=2)) as client:
+        assert all(client.get("/problems/validation").status_code == 200 for _ in range(5))
+
+
+def test_the_document_lists_every_kind_as_a_problem_type():
+    for prefix in ("", "/shop"):
+        schema = openapi_for(prefix)["components"]["schemas"]["Problem"]["properties"]["type"]
+        assert schema["enum"] == [f"{prefix}/problems/{name}" for name in api.KINDS]
+
+
 # == Operations: limits, CORS, faults, durability, embedding =======================================
 
 BOOK = {"title": "Clean Code", "author": "Robert C. Martin"}
@@ -3878,7 +3966,10 @@ def test_every_path_parameter_is_declared_and_required(client):
         for parameter in operation.get("parameters", []):
             if parameter["in"] == "path":
                 assert parameter["required"] is True
-                assert parameter["schema"]["type"] == "integer" and parameter["schema"]["minimum"] == 1
+                if parameter["name"] == "id":
+                    assert parameter["schema"]["type"] == "integer" and parameter["schema"]["minimum"] == 1
+                else:  # /problems/{kind}
+                    assert (parameter["name"], parameter["schema"]) == ("kind", {"type": "string"})
 
 
 def test_every_error_response_is_a_problem_and_every_api_operation_lists_429_and_503(client):
@@ -4152,7 +4243,7 @@ def test_with_the_database_down_every_operation_answers_as_documented(make_app):
             kwargs = {}
             if "requestBody" in operation:
                 kwargs = {"json": operation["requestBody"]["content"]["application/json"]["example"]}
-            response = client.request(method, path.replace("{id}", "1"), **kwargs)
+            response = client.request(method, path.replace("{id}", "1").replace("{kind}", "unavailable"), **kwargs)
             assert response.status_code in (200, 401, 503), (method, path, response.status_code)
 
 

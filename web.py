@@ -43,7 +43,41 @@ T = TypeVar("T")
 
 # == Problems =====================================================================================
 # Everything that goes wrong becomes an `HTTPProblem`, raised anywhere and answered in one place
-# (`problem_response`) as application/problem+json.
+# (`problem_response`) as application/problem+json. A client tells problems apart by `type`
+# (RFC 9457 §3.1.1), never by parsing `detail`: each `Kind` of problem has its own, a path of the
+# app, `{prefix}/problems/{name}`, and a title that never changes. These are the kinds any HTTP
+# API has; an API adds its own (a 409 may mean several things) and serves the descriptions.
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    name: str
+    status: int
+    title: str
+    advice: str  # what a client should do about it, for `GET /problems/{name}`
+
+
+HTTP_KINDS = [
+    Kind("validation", 400, "The request is not valid",
+         "Fix the body field (`errors[].pointer`), query parameter or header that `errors` names, then send it again."),
+    Kind("unauthenticated", 401, "Sign-in required",
+         "Send `Authorization: Bearer <access token>`, or sign in again: the credentials or the token were refused."),
+    Kind("forbidden", 403, "Not allowed", "You are signed in, but this is not yours to do; do not retry."),
+    Kind("not-found", 404, "Not found", "There is no such resource or route; check the URL."),
+    Kind("method-not-allowed", 405, "Method not allowed", "Use one of the methods that `Allow` lists."),
+    Kind("version-mismatch", 412, "The resource has changed",
+         "Your `If-Match` is out of date: GET the resource again, redo your change on it, and send it with the new ETag."),
+    Kind("too-large", 413, "The body is too large", "Send a smaller body."),
+    Kind("unsupported-media-type", 415, "Unsupported media type",
+         "Send the body as `application/json` (or `application/merge-patch+json` for PATCH)."),
+    Kind("rate-limited", 429, "Too many requests",
+         "Wait the seconds that `Retry-After` gives, then retry; `RateLimit` says how close you are."),
+    Kind("internal", 500, "Internal error",
+         "Something went wrong on the server; retry later, and quote `request_id` when you report it."),
+    Kind("unavailable", 503, "Service unavailable",
+         "The database cannot be reached for now; retry after the seconds that `Retry-After` gives."),
+]
+BY_STATUS = {kind.status: kind for kind in HTTP_KINDS}  # the kind of a problem raised with none
 
 
 class Problem(Struct, omit_defaults=True):
@@ -58,22 +92,22 @@ class Problem(Struct, omit_defaults=True):
 
 
 class HTTPProblem(Exception):
-    def __init__(self, status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    """A problem to answer; `kind` defaults to the HTTP kind of `status`."""
+
+    def __init__(self, status: int, detail: str, *, kind: Kind | None = None,
+                 errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers or {}
+        self.status, self.detail, self.kind = status, detail, kind or BY_STATUS[status]
+        self.errors, self.headers = errors or [], headers or {}
 
 
-TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-          405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
-          413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
-          500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-def problem_response(status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
-                     headers: dict[str, str] | None = None, request_id: str | None = None) -> Response:
-    problem = Problem(type="about:blank", title=TITLES.get(status, "Error"), status=status, detail=detail,
-                      errors=errors or [], request_id=request_id)
+def problem_response(scope: Scope, status: int, detail: str, *, kind: Kind | None = None,
+                     errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None,
+                     request_id: str | None = None) -> Response:
+    """The problem+json answer; its `type` is a path of the app the request `scope` is for."""
+    kind = kind or BY_STATUS[status]
+    problem = Problem(type=prefixed(scope, f"/problems/{kind.name}"), title=kind.title, status=status,
+                      detail=detail, errors=errors or [], request_id=request_id)
     return Response(encoder.encode(problem), status, headers, "application/problem+json")
 
 
@@ -106,14 +140,15 @@ def invalid_parameter(name: str, detail: str) -> HTTPProblem:
 
 
 async def on_problem(request: Request, error: HTTPProblem) -> Response:
-    return problem_response(error.status, error.detail, errors=error.errors, headers=error.headers)
+    return problem_response(request.scope, error.status, error.detail, kind=error.kind, errors=error.errors,
+                            headers=error.headers)
 
 
 async def on_http_exception(request: Request, error: HTTPException) -> Response:
     """Starlette's own 404 (no such route) and 405 (method not allowed, with `Allow`)."""
     detail = {404: f"No route matches {request.url.path}.",
               405: f"{request.method} is not allowed on {request.url.path}."}.get(error.status_code, error.detail)
-    return problem_response(error.status_code, detail, headers=error.headers)
+    return problem_response(request.scope, error.status_code, detail, headers=error.headers)
 
 
 # == Reading requests, writing answers ============================================================
@@ -121,7 +156,12 @@ async def on_http_exception(request: Request, error: HTTPException) -> Response:
 
 def app_path(request: Request, path: str) -> str:
     """A URL path for this app, with the prefix it is mounted under (or served behind)."""
-    prefix = request.scope.get("root_path", "")
+    return prefixed(request.scope, path)
+
+
+def prefixed(scope: Scope, path: str) -> str:
+    """`path` under the prefix the request's app is mounted under (`root_path`)."""
+    prefix = scope.get("root_path", "")
     # Escaped as Starlette escapes request.url: a parametrised mount takes its prefix from the
     # client, and a bare `?`, `#` or backslash would make the URL point somewhere else.
     return prefix.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C") + path
@@ -411,7 +451,7 @@ class GuardMiddleware:
 
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_body:
-            return await problem_response(413, too_large)(scope, receive, send)
+            return await problem_response(scope, 413, too_large)(scope, receive, send)
         try:
             await self.app(scope, receive_limited, send_tracked)
         except Exception:
@@ -419,7 +459,7 @@ class GuardMiddleware:
             log_json(request_id=request_id, error=traceback.format_exc())
             if started:  # the response has begun: all that is left is to drop the connection
                 raise
-            response = problem_response(500, "Something went wrong on our side; the request id says where.",
+            response = problem_response(scope, 500, "Something went wrong on our side; the request id says where.",
                                         request_id=request_id)
             await response(scope, receive, send)
 
@@ -474,7 +514,7 @@ class RateLimitMiddleware:
             if (scope["method"], path) in self.strict_routes:
                 wait = max(wait, self.strict.take((path, client), now))
             if wait:
-                response = problem_response(429, "Too many requests; slow down and retry after the given seconds.",
+                response = problem_response(scope, 429, "Too many requests; slow down and retry after the given seconds.",
                                             headers={"Retry-After": str(math.ceil(wait))})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
