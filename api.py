@@ -851,7 +851,8 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
-            expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+            expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After", "Idempotent-Replayed",
+                            "RateLimit", "RateLimit-Policy"],
             max_age=600))
     middleware.append(Middleware(web.GuardMiddleware, max_body=settings.max_body))
     if settings.rate_limit:

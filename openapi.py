@@ -65,6 +65,11 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
                            "Idempotency-Key; nothing was written again", "schema": {"type": "string", "enum": ["true"]}}
     if operation.query is not None and "cursor" in operation.query.__struct_fields__:
         headers["Link"] = {"description": 'The next page, `<url>; rel="next"`', "schema": {"type": "string"}}
+    if operation.counted:  # present whenever rate limits are on
+        headers["RateLimit-Policy"] = {"description": 'The rate limits that apply, e.g. `"general";q=600;w=60`',
+                                       "schema": {"type": "string"}}
+        headers["RateLimit"] = {"description": 'Where you stand on the closest one, e.g. `"general";r=599;t=1`',
+                                "schema": {"type": "string"}}
     if headers:
         success["headers"] = headers
     responses = {str(status): success}

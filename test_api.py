@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import http_sfv
 import httpx2
 import jsonschema
 import jwt
@@ -3188,6 +3189,62 @@ def test_a_flood_of_50000_client_addresses_leaves_at_most_max_clients_buckets():
     for buckets in (limiter.general, limiter.strict):
         assert buckets.max_clients < 50_000
         assert len(buckets.buckets) <= buckets.max_clients
+
+
+# == RateLimit fields =============================================================================
+
+
+def ratelimit_fields(response) -> tuple[dict[str, dict], tuple[str, dict]]:
+    """`RateLimit-Policy` and `RateLimit`, parsed as RFC 8941 structured-field Lists of Items:
+    ({policy: params}, (the policy RateLimit names, its params))."""
+    policies, standing = http_sfv.List(), http_sfv.List()
+    policies.parse(response.headers["ratelimit-policy"].encode())
+    standing.parse(response.headers["ratelimit"].encode())
+    assert len(standing) == 1, response.headers["ratelimit"]
+    assert all(isinstance(item.value, str) for item in [*policies, *standing])
+    return ({item.value: dict(item.params) for item in policies},
+            (standing[0].value, dict(standing[0].params)))
+
+
+def test_every_counted_answer_says_where_the_client_stands_and_the_quota_comes_back(make_app):
+    with TestClient(make_app(rate_limit=60)) as client:  # a token a second
+        remaining = []
+        for _ in range(3):
+            response = client.get(BOOKS)
+            policies, (name, params) = ratelimit_fields(response)
+            assert policies == {"general": {"q": 60, "w": 60}}
+            assert name == "general" and set(params) == {"r", "t"}
+            remaining.append(params["r"])
+            assert 1 <= params["t"] <= 60
+        assert remaining == [59, 58, 57]
+        time.sleep(2.1)
+        _, (_, params) = ratelimit_fields(client.get(f"{BOOKS}/1"))  # a 404 counts and says so too
+        assert params["r"] >= 58, params
+
+
+def test_the_sign_in_route_lists_both_policies_and_names_the_closer(make_app):
+    with TestClient(make_app(rate_limit=100, auth_rate_limit=3)) as client:
+        user = register(client)
+        seen = []
+        for _ in range(4):
+            response = client.post(TOKEN, json={"email": user["email"], "password": PASSWORD})
+            policies, standing = ratelimit_fields(response)
+            assert policies == {"general": {"q": 100, "w": 60}, "auth": {"q": 3, "w": 60}}
+            seen.append((response.status_code, standing))
+        assert [status for status, _ in seen] == [200, 200, 200, 429]
+        assert [(name, params["r"]) for _, (name, params) in seen] == [("auth", 2), ("auth", 1), ("auth", 0),
+                                                                       ("auth", 0)]
+        # On the 429, `t` is when the next request is allowed: Retry-After, not earlier.
+        assert seen[-1][1][1]["t"] == int(response.headers["retry-after"])
+
+
+def test_uncounted_answers_and_an_app_without_limits_carry_no_ratelimit_fields(make_app):
+    with TestClient(make_app(rate_limit=100)) as client:
+        for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/problems/validation"):
+            assert "ratelimit" not in client.get(path).headers, path
+    with TestClient(make_app(rate_limit=0)) as client:
+        response = client.get(BOOKS)
+        assert "ratelimit" not in response.headers and "ratelimit-policy" not in response.headers
 
 
 # == CORS =========================================================================================

@@ -475,8 +475,9 @@ class TokenBuckets:
         self.capacity, self.rate, self.max_clients = per_minute, per_minute / 60, max_clients
         self.buckets: collections.OrderedDict[Any, tuple[float, float]] = collections.OrderedDict()
 
-    def take(self, client: Any, now: float) -> float:
-        """Spend one token; 0 when allowed, else the seconds until a token is back."""
+    def take(self, client: Any, now: float) -> tuple[float, float]:
+        """Spend one token: (the tokens left, 0) when allowed, else (the tokens left, the seconds
+        until a token is back)."""
         tokens, last = self.buckets.pop(client, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - last) * self.rate)
         allowed = tokens >= 1
@@ -485,14 +486,26 @@ class TokenBuckets:
         self.buckets[client] = (tokens, now)  # (re)inserted last: the most recently seen
         if len(self.buckets) > self.max_clients:
             self.buckets.popitem(last=False)
-        return 0.0 if allowed else (1 - tokens) / self.rate
+        return tokens, 0.0 if allowed else (1 - tokens) / self.rate
+
+    def standing(self, name: str, tokens: float, wait: float) -> bytes:
+        """The `RateLimit` item for a client with `tokens` left: `r`, the requests it may still
+        make, and `t`, the seconds until its bucket is full again, or, with none left, until the
+        next request is allowed (the 429's Retry-After)."""
+        seconds = wait if tokens < 1 else (self.capacity - tokens) / self.rate
+        return f'"{name}";r={int(tokens)};t={math.ceil(seconds)}'.encode()
 
 
 class RateLimitMiddleware:
     """429 with Retry-After once a client (its address as the server reports it) has used its
     share: the general limit on every counted request, and a stricter one per route on the
     `strict` (method, path) pairs, where guessing passwords or mass sign-ups would happen.
-    Requests for the `uncounted` paths, or under the `uncounted_prefixes`, never count. Per process."""
+    Requests for the `uncounted` paths, or under the `uncounted_prefixes`, never count. Per process.
+
+    Every counted answer, a 429 too, says where the client stands in the fields of
+    draft-ietf-httpapi-ratelimit-headers: `RateLimit-Policy` lists the policies that apply
+    (`"general";q=600;w=60`, and `"auth";q=10;w=60` on the strict routes) and `RateLimit` the
+    one closest to refusing (`"general";r=599;t=1`)."""
 
     def __init__(self, app: ASGIApp, *, per_minute: int, auth_per_minute: int,
                  strict: Iterable[tuple[str, str]] = (), uncounted: Iterable[str] = (),
@@ -502,19 +515,36 @@ class RateLimitMiddleware:
         self.strict = TokenBuckets(auth_per_minute)
         self.strict_routes = frozenset(strict)
         self.uncounted, self.uncounted_prefixes = frozenset(uncounted), uncounted_prefixes
+        # Made once: per request only the `RateLimit` item is formatted.
+        general = f'"general";q={per_minute};w=60'
+        self.general_policy = general.encode()
+        self.strict_policy = f'{general}, "auth";q={auth_per_minute};w=60'.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = route_path(scope)
-        if path not in self.uncounted and not path.startswith(self.uncounted_prefixes):
-            client = scope["client"][0] if scope.get("client") else None
-            now = time.monotonic()
-            wait = self.general.take(client, now)
-            if (scope["method"], path) in self.strict_routes:
-                wait = max(wait, self.strict.take((path, client), now))
-            if wait:
-                response = problem_response(scope, 429, "Too many requests; slow down and retry after the given seconds.",
-                                            headers={"Retry-After": str(math.ceil(wait))})
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        if path in self.uncounted or path.startswith(self.uncounted_prefixes):
+            return await self.app(scope, receive, send)
+        client = scope["client"][0] if scope.get("client") else None
+        now = time.monotonic()
+        tokens, wait = self.general.take(client, now)
+        standing, policy = self.general.standing("general", tokens, wait), self.general_policy
+        if (scope["method"], path) in self.strict_routes:
+            strict_tokens, strict_wait = self.strict.take((path, client), now)
+            policy = self.strict_policy
+            if strict_tokens <= tokens:  # the strict bucket is the closer to refusing
+                standing = self.strict.standing("auth", strict_tokens, strict_wait)
+            wait = max(wait, strict_wait)
+        fields = [(b"ratelimit-policy", policy), (b"ratelimit", standing)]
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *fields]
+            await send(message)
+
+        if wait:
+            response = problem_response(scope, 429, "Too many requests; slow down and retry after the given seconds.",
+                                        headers={"Retry-After": str(math.ceil(wait))})
+            return await response(scope, receive, send_with_fields)
+        await self.app(scope, receive, send_with_fields)
