@@ -20,9 +20,12 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import sys
+import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -41,7 +44,7 @@ import commands
 import openapi
 import store as storage
 import web
-from web import (JSON, MERGE_PATCH, HTTPProblem, Kind, Operation, app_path, decode, encoder, etag_matches,
+from web import (FORM, JSON, MERGE_PATCH, HTTPProblem, Kind, Operation, app_path, decode, encoder, etag_matches,
                  idempotency_key, json_response, make_cursor, next_page, parse_query, path_id, problem_response,
                  read_cursor, read_json)
 
@@ -55,6 +58,8 @@ class Settings:
     database_url: str = "sqlite:///quire.db"
     secret_key: str | None = None  # at least 32 bytes, checked in load()
     token_ttl: Annotated[int, Meta(ge=1)] = 3600
+    refresh_ttl: Annotated[int, Meta(ge=1)] = 14 * 24 * 3600  # seconds a refresh token lasts
+    login_failures: Annotated[int, Meta(ge=1)] = 5  # failed sign-ins per email in 15 minutes before 429
     rate_limit: Annotated[int, Meta(ge=0)] = 600  # requests a minute per client; 0 turns limits off
     auth_rate_limit: Annotated[int, Meta(ge=1)] = 10
     cors_origins: tuple[str, ...] = ()
@@ -215,6 +220,9 @@ class OrderPage(Struct):
     next: str | None
 
 
+Password = Annotated[str, Meta(min_length=8, max_length=128)]
+
+
 class UserIn(RequestBody):
     """Registration; the email is stored lower-case."""
 
@@ -222,7 +230,7 @@ class UserIn(RequestBody):
 
     email: Email
     name: Annotated[str, Meta(min_length=1, max_length=100)]
-    password: Annotated[str, Meta(min_length=8, max_length=128)]
+    password: Password
 
 
 class User(Struct):
@@ -239,16 +247,39 @@ class UserPage(Struct):
 
 
 class Credentials(RequestBody):
+    """Sign in with `email` and `password`, or refresh with a `refresh_token`; not both."""
+
     example: ClassVar[dict] = {"email": "ada@example.com", "password": "correct horse"}
 
-    email: Annotated[str, Meta(max_length=254)]
-    password: Annotated[str, Meta(max_length=1024)]
+    email: Annotated[str, Meta(max_length=254)] | UnsetType = UNSET
+    password: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
+    refresh_token: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
+
+
+class TokenForm(Struct):
+    """The OAuth 2.0 form (RFC 6749 §4.3, §6): `grant_type=password&username=...&password=...` or
+    `grant_type=refresh_token&refresh_token=...`. Other parameters (`scope`, client fields) are ignored."""
+
+    example: ClassVar[dict] = {"grant_type": "password", "username": "ada@example.com", "password": "correct horse"}
+
+    grant_type: Literal["password", "refresh_token"]
+    username: str | None = None
+    password: str | None = None
+    refresh_token: str | None = None
 
 
 class Token(Struct):
     access_token: str
     expires_in: int
+    refresh_token: str
     token_type: Literal["bearer"] = "bearer"
+
+
+class PasswordChange(RequestBody):
+    example: ClassVar[dict] = {"current_password": "correct horse", "new_password": "a longer, better horse"}
+
+    current_password: Annotated[str, Meta(max_length=1024)]
+    new_password: Annotated[str, Meta(max_length=1024, description="8–128 characters")]
 
 
 class Status(Struct):
@@ -301,8 +332,15 @@ TOKEN_EXPIRED = Kind("token-expired", 401, "Token expired",
                      "The access token is past its expiry: get a new one (refresh, or sign in again).")
 TOKEN_REVOKED = Kind("token-revoked", 401, "Token revoked",
                      "The token was revoked (a logout, or a password change): sign in again.")
+INVALID_GRANT = Kind("invalid-grant", 400, "Sign-in refused",
+                     "The OAuth 2.0 form was refused; its `error` says why (RFC 6749 §5.2): `invalid_grant` (wrong "
+                     "credentials, or a bad, spent or expired refresh token), `invalid_request` or "
+                     "`unsupported_grant_type`.")
+TOO_MANY_FAILED = Kind("too-many-failed-sign-ins", 429, "Too many failed sign-ins",
+                       "This email had too many failed sign-ins in the last 15 minutes; wait the seconds that "
+                       "`Retry-After` gives. Not even the right password is accepted until then.")
 KINDS = {kind.name: kind for kind in [*web.HTTP_KINDS, TAKEN, OUT_OF_STOCK, NOT_FOR_SALE, INVALID_TRANSITION,
-                                      KEY_REUSED, TOKEN_EXPIRED, TOKEN_REVOKED]}
+                                      KEY_REUSED, TOKEN_EXPIRED, TOKEN_REVOKED, INVALID_GRANT, TOO_MANY_FAILED]}
 
 
 class ProblemKind(Struct):
@@ -363,7 +401,8 @@ async def signed_in(request: Request) -> storage.Row:
     except (auth.InvalidToken, ValueError) as error:
         kind = TOKEN_EXPIRED if isinstance(error, auth.TokenExpired) else None
         raise unauthorized(f"The token was refused: {error}.", kind) from None
-    user = await app.store.get_token_user(user_id, claims["jti"])
+    user = await app.store.get_token_user(user_id, claims["jti"], session_id=claims.get("sid"),
+                                          generation=claims.get("gen", 0))
     if user is None:
         raise unauthorized("The token's user no longer exists.")
     if user.pop("revoked"):
@@ -385,22 +424,131 @@ async def register(request: Request) -> Response:
     return json_response(msgspec.convert(user, User), 201, {"Location": location})
 
 
-async def issue_token(request: Request) -> Response:
-    """Exchange email and password for a bearer token; a wrong email or password is the same 401."""
-    credentials = decode(await read_json(request), Credentials)
+SIGN_IN_WINDOW = 15 * 60  # seconds in which QUIRE_LOGIN_FAILURES failures stop an email's sign-ins
+
+
+def refused_grant(error: str, detail: str) -> HTTPProblem:
+    """A refusal of the OAuth 2.0 form: 400 with RFC 6749 §5.2's `error` code."""
+    return HTTPProblem(400, detail, kind=INVALID_GRANT, error=error)
+
+
+async def check_password(request: Request, email: str, password: str, wrong: HTTPProblem) -> storage.Row:
+    """The user whose email and password these are; raises `wrong` otherwise, counting the
+    failure, and 429 while the email has had too many failures (known email or not, so the
+    answer does not tell which emails exist)."""
+    app, now = quire(request), time.time()
+    login = await app.store.get_login(email, failures_since=now - SIGN_IN_WINDOW)
+    if login["failures"] >= app.settings.login_failures:
+        wait = max(1, math.ceil(login["oldest"] + SIGN_IN_WINDOW - now))
+        raise HTTPProblem(429, f"Too many failed sign-ins for this email; try again in {wait} seconds.",
+                          kind=TOO_MANY_FAILED, headers={"Retry-After": str(wait)})
+    if not await auth.verify_password(login["password_hash"] if login["id"] else None, password):
+        await app.store.record_failure(email, forget_before=now - SIGN_IN_WINDOW)
+        raise wrong
+    if login["failures"]:
+        await app.store.clear_failures(email)
+    return login
+
+
+async def tokens(request: Request, user: storage.Row, session_id: int, refresh_token: str) -> Response:
     app = quire(request)
-    user = await app.store.get_login(credentials.email.lower())
-    if not await auth.verify_password(user and user["password_hash"], credentials.password):
-        raise unauthorized("The email or the password is wrong.")
-    token, _ = auth.make_token(user["id"], await app.signing_key(), app.settings.token_ttl)
-    return json_response(Token(access_token=token, expires_in=app.settings.token_ttl))
+    access_token, _ = auth.make_token(user["id"], await app.signing_key(), app.settings.token_ttl,
+                                      session_id=session_id, generation=user["token_generation"])
+    return json_response(Token(access_token=access_token, expires_in=app.settings.token_ttl,
+                               refresh_token=refresh_token))
+
+
+async def issue_token(request: Request) -> Response:
+    """Sign in, or refresh: an access token and a refresh token. Send JSON (`email` and `password`,
+    or `refresh_token`) or the OAuth 2.0 form (`grant_type=password` or `refresh_token`). Each
+    refresh spends its refresh token and answers the next one; a spent one sent again revokes
+    its whole session."""
+    body = await read_json(request, JSON, FORM)
+    oauth = web.media_type(request) == FORM
+    email, password, refresh_token = oauth_grant(body) if oauth else json_grant(body)
+    app = quire(request)
+    if refresh_token is None:
+        wrong = (refused_grant("invalid_grant", "The email or the password is wrong.") if oauth
+                 else unauthorized("The email or the password is wrong."))
+        user = await check_password(request, email.lower(), password, wrong)
+        refresh_token, refresh_hash = auth.new_refresh_token()
+        session_id = await app.store.start_session(user["id"], refresh_hash=refresh_hash,
+                                                   expires_at=int(time.time()) + app.settings.refresh_ttl)
+        return await tokens(request, user, session_id, refresh_token)
+    next_token, next_hash = auth.new_refresh_token()
+    user = await app.store.rotate_refresh_token(auth.hash_refresh_token(refresh_token), new_hash=next_hash,
+                                                expires_at=int(time.time()) + app.settings.refresh_ttl)
+    if isinstance(user, str):
+        detail = ("This refresh token was used before, so its session is revoked: sign in again." if user == "reused"
+                  else "This refresh token is unknown, spent, expired or revoked: sign in again.")
+        raise refused_grant("invalid_grant", detail) if oauth else unauthorized(detail)
+    return await tokens(request, user, user["session_id"], next_token)
+
+
+def json_grant(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(email, password, None) or (None, None, refresh_token) from the JSON body; 400 otherwise."""
+    credentials = decode(body, Credentials)
+    fields = {name for name in Credentials.__struct_fields__ if getattr(credentials, name) is not UNSET}
+    if fields == {"email", "password"}:
+        return credentials.email, credentials.password, None
+    if fields == {"refresh_token"}:
+        return None, None, credentials.refresh_token
+    detail = "Send either `email` and `password`, or `refresh_token` alone"
+    raise HTTPProblem(400, f"{detail}.", errors=[{"pointer": "#", "detail": detail}])
+
+
+def oauth_grant(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """The same from the OAuth 2.0 form; RFC 6749 §5.2 refusals otherwise. Unknown parameters
+    (`scope`, `client_id`, ...) are ignored (§3.2); a repeated one is `invalid_request`."""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError):
+        raise refused_grant("invalid_request", "The form is not valid application/x-www-form-urlencoded.") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise refused_grant("invalid_request", f"The parameter `{name}` is repeated; send it once.")
+        form[name] = value
+    grant_type = form.get("grant_type")
+    if grant_type == "password" and form.get("username") and "password" in form:
+        return form["username"], form["password"], None
+    if grant_type == "refresh_token" and form.get("refresh_token"):
+        return None, None, form["refresh_token"]
+    if grant_type in ("password", "refresh_token"):
+        needed = "`username` and `password`" if grant_type == "password" else "`refresh_token`"
+        raise refused_grant("invalid_request", f"grant_type={grant_type} needs {needed}.")
+    if grant_type is None:
+        raise refused_grant("invalid_request", "The form needs a `grant_type`: `password` or `refresh_token`.")
+    raise refused_grant("unsupported_grant_type",
+                        f"grant_type={grant_type!r} is not supported; use `password` or `refresh_token`.")
 
 
 async def logout(request: Request) -> Response:
-    """Revoke the token this request carries, for every worker sharing the database."""
+    """Revoke the token this request carries and its session (its refresh token, and every
+    access token of the session), for every worker sharing the database."""
     await signed_in(request)
-    claims = request.state.claims
-    await quire(request).store.revoke_token(claims["jti"], int(claims["exp"]) + auth.LEEWAY_SECONDS)
+    claims, store = request.state.claims, quire(request).store
+    await store.revoke_token(claims["jti"], int(claims["exp"]) + auth.LEEWAY_SECONDS)
+    if "sid" in claims:
+        await store.end_session(claims["sid"])
+    return Response(status_code=204)
+
+
+async def change_password(request: Request) -> Response:
+    """Change your password. Every token issued before, access and refresh, of every session, is
+    refused from then on; a wrong `current_password` is 403 and counts as a failed sign-in."""
+    body = await read_json(request)
+    user = await signed_in(request)
+    change = decode(body, PasswordChange)
+    await check_password(request, user["email"], change.current_password,
+                         HTTPProblem(403, "The current password is wrong."))
+    try:
+        msgspec.convert(change.new_password, Password)
+    except msgspec.ValidationError as error:
+        detail = str(error)
+        raise HTTPProblem(400, f"{detail} (#/new_password)",
+                          errors=[{"pointer": "#/new_password", "detail": detail}]) from None
+    await quire(request).store.change_password(user["id"], await auth.hash_password(change.new_password))
     return Response(status_code=204)
 
 
@@ -792,9 +940,11 @@ OPERATIONS = [
     Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
               errors=(400, 401, 403), signed_in=True, private=True),
     Operation("GET", "/api/v1/users/me", me, "users", (200, User), errors=(401,), signed_in=True, private=True),
+    Operation("POST", "/api/v1/users/me/password", change_password, "users", (204, None), PasswordChange,
+              errors=(400, 401, 403, 413, 415), signed_in=True, private=True),
     Operation("GET", "/api/v1/users/{id:int}", get_user, "users", (200, User),
               errors=(401, 403, 404), signed_in=True, private=True),
-    Operation("POST", "/api/v1/auth/token", issue_token, "auth", (200, Token), Credentials,
+    Operation("POST", "/api/v1/auth/token", issue_token, "auth", (200, Token), Credentials, form=TokenForm,
               errors=(400, 401, 413, 415), private=True, strict_limit=True),
     Operation("POST", "/api/v1/auth/logout", logout, "auth", (204, None), errors=(401,), signed_in=True,
               private=True),
@@ -806,9 +956,15 @@ OPERATIONS = [
 
 DOCS = openapi.Docs(
     OPERATIONS, title="quire", version="1.0.0",
-    description="A small bookstore API. Sign in with POST /api/v1/auth/token, "
-                "then press Authorize and paste the access_token.",
-    security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+    description="A small bookstore API. Press Authorize and sign in with your email (as username) and "
+                "password, or call POST /api/v1/auth/token and paste its access_token under bearer.",
+    security_schemes=lambda root_path: {
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+        # Swagger UI's Authorize dialog signs in with an email and a password through this flow. The
+        # tokenUrl carries the prefix itself: against a server URL of /shop, a bare
+        # /api/v1/auth/token would resolve to the host's root and drop it.
+        "oauth2": {"type": "oauth2", "flows": {"password": {"tokenUrl": f"{root_path}/api/v1/auth/token",
+                                                            "scopes": {}}}}},
     problem_kinds=list(KINDS))
 
 

@@ -120,10 +120,17 @@ def _sign(signing_input: bytes, key: bytes) -> bytes:
     return hmac.new(key, signing_input, hashlib.sha256).digest()
 
 
-def make_token(user_id: int, key: bytes, ttl: int) -> tuple[str, dict[str, Any]]:
-    """A signed token for the user, valid `ttl` seconds, and its claims."""
+def make_token(user_id: int, key: bytes, ttl: int, *, session_id: int | None = None,
+               generation: int = 0) -> tuple[str, dict[str, Any]]:
+    """A signed token for the user, valid `ttl` seconds, and its claims. `sid` names the session
+    it belongs to (revoked with it) and `gen` the user's token generation (a password change
+    moves it on, refusing every older token); a token without them is of no session, generation 0."""
     now = int(time.time())
     claims = {"sub": str(user_id), "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
+    if session_id is not None:
+        claims["sid"] = session_id
+    if generation:
+        claims["gen"] = generation
     header = _b64encode(json.dumps(_HEADER, separators=(",", ":")).encode())
     payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
     signature = _sign(f"{header}.{payload}".encode(), key)
@@ -165,7 +172,26 @@ def _read_token(token: str, key: bytes, now: float) -> dict[str, Any]:
         raise TokenExpired("the token has expired")
     if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("jti"), str):
         raise InvalidToken("the token lacks a subject or an id")
+    for name in ("sid", "gen"):
+        value = claims.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise InvalidToken(f"the token's `{name}` is not a number")
     return claims
+
+
+# -- refresh tokens ------------------------------------------------------------------------------
+
+
+def new_refresh_token() -> tuple[str, str]:
+    """An opaque refresh token (32 random bytes) and the hash to store in its place."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_refresh_token(token)
+
+
+def hash_refresh_token(token: str) -> str:
+    """SHA-256, unsalted: the token is random, so a hash is enough to make a leaked table useless
+    for signing in, and the same token always finds its row."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # -- permissions ---------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ async def fill_demo(store: storage.Store) -> str:
         if await store.list_books(limit=1, sort="id", author=None, q=None, after=None):
             return "The database already has books; nothing added."
         user = await store.get_login(DEMO_USER["email"])
-        if user is None:
+        if user["id"] is None:
             user = await store.create_user(email=DEMO_USER["email"], name=DEMO_USER["name"],
                                            password_hash=await auth.hash_password(DEMO_USER["password"]))
         for book in DEMO_BOOKS:

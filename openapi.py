@@ -14,7 +14,7 @@ Content-Security-Policy allow scripts from this origin only.
 import functools
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from web import JSON, MERGE_PATCH, Operation, Problem, app_path, encoder
+from web import FORM, JSON, MERGE_PATCH, Operation, Problem, app_path, encoder
 
 DOCS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title} API</title>
@@ -119,9 +119,11 @@ def describe_operation(operation: Operation, security: list[dict[str, list]]) ->
         "responses": describe_responses(operation)}
     if operation.body is not None:
         media_types = (JSON, MERGE_PATCH) if operation.method == "PATCH" else (JSON,)
-        spec["requestBody"] = {"required": True, "content": {
-            media_type: {"schema": ref(operation.body), "example": operation.body.example}
-            for media_type in media_types}}
+        content = {media_type: {"schema": ref(operation.body), "example": operation.body.example}
+                   for media_type in media_types}
+        if operation.form is not None:
+            content[FORM] = {"schema": ref(operation.form), "example": operation.form.example}
+        spec["requestBody"] = {"required": True, "content": content}
     if operation.signed_in:
         spec["security"] = security
     return spec
@@ -134,6 +136,8 @@ class Docs:
     """An API's OpenAPI document and Swagger UI, for the operations it is given plus its own two
     (`GET /openapi.json`, `GET /docs`), which `operations` lists for the app's routes.
 
+    `security_schemes(root_path)` gives the schemes, every one of which a signed-in operation
+    accepts; a function of the prefix, because an OAuth 2.0 `tokenUrl` must carry it.
     Problems' `type`s are listed in the `Problem` schema, one per kind in `problem_kinds`.
     The document is made once per mount prefix (its `servers` entry carries the prefix, so "Try
     it out" works when the app is embedded); at most `MAX_PREFIXES` are kept, because under a
@@ -143,7 +147,7 @@ class Docs:
     MAX_PREFIXES = 64
 
     def __init__(self, operations: Sequence[Operation], *, title: str, version: str, description: str,
-                 security_schemes: dict[str, dict[str, Any]], problem_kinds: Sequence[str]) -> None:
+                 security_schemes: Callable[[str], dict[str, dict[str, Any]]], problem_kinds: Sequence[str]) -> None:
         self.title, self.version, self.description = title, version, description
         self.problem_kinds = problem_kinds
         self.security_schemes = security_schemes
@@ -158,14 +162,15 @@ class Docs:
 
     def _make(self, root_path: str) -> bytes:
         """The OpenAPI 3.1 document, for an app served under `root_path` (see `document`)."""
-        types = {Problem} | {t for op in self.operations for t in (op.ok[1], op.body) if isinstance(t, type)}
+        types = {Problem} | {t for op in self.operations for t in (op.ok[1], op.body, op.form) if isinstance(t, type)}
         _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
                                                     ref_template="#/components/schemas/{name}")
         # A problem's `type` is one of the kinds, each a path of this app (served at that path).
         schemas["Problem"]["properties"]["type"] = {
             "type": "string", "enum": [f"{root_path}/problems/{kind}" for kind in self.problem_kinds],
             "description": "The kind of problem; GET it for what it means and what to do"}
-        security = [{name: []} for name in self.security_schemes]
+        security_schemes = self.security_schemes(root_path)
+        security = [{name: []} for name in security_schemes]
         paths: dict[str, dict[str, Any]] = {}
         for operation in self.operations:
             path = re.sub(r"\{(\w+):\w+\}", r"{\1}", operation.path)
@@ -176,7 +181,7 @@ class Docs:
             "servers": [{"url": root_path or "/"}],
             "tags": [{"name": tag} for tag in dict.fromkeys(op.tag for op in self.operations)],
             "paths": paths,
-            "components": {"schemas": schemas, "securitySchemes": self.security_schemes},
+            "components": {"schemas": schemas, "securitySchemes": security_schemes},
         })
 
     async def openapi(self, request: Request) -> Response:

@@ -157,6 +157,29 @@ MIGRATIONS = [
     );
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
     """,
+    # 4: sessions. Signing in starts a session; its refresh tokens are kept only as SHA-256 hashes,
+    # each spent once (rotation). A password change moves the user's token generation on, which
+    # every older access token carries and so no longer matches. Failed sign-ins are counted per
+    # lower-cased email, for every worker and host on this database.
+    """
+    ALTER TABLE users ADD COLUMN token_generation BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE sessions (
+        id {id},
+        user_id BIGINT NOT NULL REFERENCES users (id),
+        revoked BOOLEAN NOT NULL DEFAULT FALSE,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX sessions_user ON sessions (user_id);
+    CREATE TABLE refresh_tokens (
+        token_hash TEXT PRIMARY KEY,
+        session_id BIGINT NOT NULL REFERENCES sessions (id),
+        spent BOOLEAN NOT NULL DEFAULT FALSE,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX refresh_tokens_session ON refresh_tokens (session_id);
+    CREATE TABLE sign_in_failures (email TEXT NOT NULL, failed_at DOUBLE PRECISION NOT NULL);
+    CREATE INDEX sign_in_failures_email ON sign_in_failures (email, failed_at);
+    """,
 ]
 
 
@@ -201,6 +224,7 @@ class Store:
         self._writer: databases.core.Connection | None = None
         self._write_lock: asyncio.Lock | None = None
         self._last_purge = 0.0  # when expired idempotency keys were last purged (time.time())
+        self._last_failure_purge = 0.0  # when old failed sign-ins were last purged
 
     # -- connecting ------------------------------------------------------------------------------
 
@@ -416,17 +440,44 @@ class Store:
     async def get_user(self, user_id: int) -> Row | None:
         return await self.one(f"SELECT {self.USER} FROM users WHERE id = :id", {"id": user_id})
 
-    async def get_login(self, email: str) -> Row | None:
-        """The user with this email, with its password hash, for signing in."""
-        return await self.one(f"SELECT {self.USER}, password_hash FROM users WHERE email = :email",
-                              {"email": email})
-
-    async def get_token_user(self, user_id: int, jti: str) -> Row | None:
-        """The token's user, with `revoked` true when the token was revoked; None when the user is
-        gone. One query, for every authenticated request."""
+    async def get_login(self, email: str, *, failures_since: float = 0.0) -> Row:
+        """For signing in, in one statement: `failures` (how many sign-ins for this email failed
+        after `failures_since`) and `oldest` (the first of them), and the user with this email,
+        its password hash and token generation (`id` None when no user has it)."""
+        columns = ", ".join(f"u.{column}" for column in self.USER.split(", "))
         return await self.one(
-            f"SELECT {self.USER}, EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = :jti) AS revoked "
-            f"FROM users WHERE id = :id", {"id": user_id, "jti": jti})
+            f"SELECT f.failures, f.oldest, {columns}, u.password_hash, u.token_generation FROM "
+            f"(SELECT count(*) AS failures, min(failed_at) AS oldest FROM sign_in_failures "
+            f"WHERE email = :email AND failed_at > :since) AS f LEFT JOIN users AS u ON u.email = :email",
+            {"email": email, "since": failures_since})
+
+    async def record_failure(self, email: str, *, forget_before: float) -> None:
+        """Count a failed sign-in for `email`; failures older than `forget_before` are deleted
+        (this email's now, everyone's at most every ten minutes), so the table stays small."""
+        async with self.transaction() as run:
+            if time.time() - self._last_failure_purge >= 600:
+                self._last_failure_purge = time.time()
+                await run("DELETE FROM sign_in_failures WHERE failed_at <= :before", {"before": forget_before})
+            else:
+                await run("DELETE FROM sign_in_failures WHERE email = :email AND failed_at <= :before",
+                          {"email": email, "before": forget_before})
+            await run("INSERT INTO sign_in_failures (email, failed_at) VALUES (:email, :now)",
+                      {"email": email, "now": time.time()})
+
+    async def clear_failures(self, email: str) -> None:
+        await self.query("DELETE FROM sign_in_failures WHERE email = :email", {"email": email}, write=True)
+
+    async def get_token_user(self, user_id: int, jti: str, *, session_id: int | None,
+                             generation: int) -> Row | None:
+        """The token's user, with `revoked` true when the token was revoked: logged out, its
+        session revoked, or issued before the user's last password change (another generation).
+        None when the user is gone. One query, for every authenticated request."""
+        return await self.one(
+            f"SELECT {self.USER}, (token_generation <> :generation "
+            f"OR EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = :jti) "
+            f"OR EXISTS (SELECT 1 FROM sessions WHERE id = :session_id AND revoked)) AS revoked "
+            f"FROM users WHERE id = :id",
+            {"id": user_id, "jti": jti, "session_id": session_id, "generation": generation})
 
     async def revoke_token(self, jti: str, expires_at: int) -> None:
         """Remember a logged-out token until it expires anyway; forget the ones that have."""
@@ -434,6 +485,60 @@ class Store:
             await run("DELETE FROM revoked_tokens WHERE expires_at < :now", {"now": int(time.time()) - 60})
             await run("INSERT INTO revoked_tokens (jti, expires_at) VALUES (:jti, :exp) "
                       "ON CONFLICT (jti) DO NOTHING", {"jti": jti, "exp": expires_at})
+
+    # -- sessions and refresh tokens --------------------------------------------------------------
+
+    async def start_session(self, user_id: int, *, refresh_hash: str, expires_at: int) -> int:
+        """A new session for the user, with its first refresh token; its id."""
+        async with self.transaction() as run:
+            [session] = await run("INSERT INTO sessions (user_id, created_at) VALUES (:user_id, :now) RETURNING id",
+                                  {"user_id": user_id, "now": utc_now()})
+            await run("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) "
+                      "VALUES (:hash, :session_id, :expires_at)",
+                      {"hash": refresh_hash, "session_id": session["id"], "expires_at": expires_at})
+        return session["id"]
+
+    async def rotate_refresh_token(self, refresh_hash: str, *, new_hash: str, expires_at: int) -> Row | str:
+        """Spend a refresh token and give its session the next one: the session's user (its row,
+        with `session_id` and `token_generation`) when the token was good; "reused" when it had
+        been spent already, which revokes its whole session (RFC 9700 §4.14.2: a spent token
+        presented again means one of the two presenters stole it); "invalid" for any other token.
+
+        Spending is a compare-and-set (`... WHERE NOT spent`), so of two concurrent refreshes
+        with one token exactly one succeeds."""
+        now = int(time.time())
+        async with self.transaction() as run:
+            spent = await run(
+                "UPDATE refresh_tokens SET spent = TRUE WHERE token_hash = :hash AND NOT spent "
+                "AND expires_at > :now AND session_id IN (SELECT id FROM sessions WHERE NOT revoked) "
+                "RETURNING session_id", {"hash": refresh_hash, "now": now})
+            if not spent:
+                known = await run("SELECT session_id, spent FROM refresh_tokens WHERE token_hash = :hash",
+                                  {"hash": refresh_hash})
+                if known and known[0]["spent"]:
+                    await run("UPDATE sessions SET revoked = TRUE WHERE id = :id", {"id": known[0]["session_id"]})
+                    return "reused"  # committed: the revocation must stand although the request fails
+                return "invalid"
+            session_id = spent[0]["session_id"]
+            await run("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) "
+                      "VALUES (:hash, :session_id, :expires_at)",
+                      {"hash": new_hash, "session_id": session_id, "expires_at": expires_at})
+            [user] = await run(f"SELECT {', '.join('u.' + c for c in self.USER.split(', '))}, u.token_generation, "
+                               f"s.id AS session_id FROM sessions AS s JOIN users AS u ON u.id = s.user_id "
+                               f"WHERE s.id = :id", {"id": session_id})
+            return user
+
+    async def end_session(self, session_id: int) -> None:
+        await self.query("UPDATE sessions SET revoked = TRUE WHERE id = :id", {"id": session_id}, write=True)
+
+    async def change_password(self, user_id: int, password_hash: str) -> None:
+        """Set a new password hash and refuse every token issued before: the user's token
+        generation moves on (older access tokens no longer match it) and every session is
+        revoked (their refresh tokens with them), in one transaction."""
+        async with self.transaction() as run:
+            await run("UPDATE users SET password_hash = :hash, token_generation = token_generation + 1 "
+                      "WHERE id = :id", {"id": user_id, "hash": password_hash})
+            await run("UPDATE sessions SET revoked = TRUE WHERE user_id = :id AND NOT revoked", {"id": user_id})
 
     async def list_users(self, *, limit: int, descending: bool, after: int | None) -> list[Row]:
         """Up to `limit` users in id order, after the id `after` (keyset pagination)."""

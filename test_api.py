@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import asyncpg
 import http_sfv
@@ -454,7 +454,7 @@ def test_the_right_password_gets_a_bearer_token(client):
     assert response.headers["content-type"] == "application/json"
     assert response.headers["cache-control"] == "no-store"
     body = response.json()
-    assert set(body) == {"access_token", "token_type", "expires_in"}
+    assert set(body) == {"access_token", "token_type", "expires_in", "refresh_token"}
     assert body["token_type"] == "bearer" and body["expires_in"] == 3600
     assert body["access_token"].count(".") == 2
     assert client.get(ME, headers=bearer(body["access_token"])).json() == user
@@ -2861,6 +2861,10 @@ def provoke_every_kind(client: TestClient) -> dict[str, Any]:
                                               headers={**headers, "Idempotency-Key": "reused"}),
         "token-expired": client.get(ME, headers=expired),
         "token-revoked": client.get(ME, headers=revoked),
+        "invalid-grant": client.post(TOKEN, data={"grant_type": "password", "username": "x@example.com",
+                                                  "password": "wrong password"}),
+        "too-many-failed-sign-ins": [client.post(TOKEN, json={"email": "guess@example.com", "password": "nope"})
+                                     for _ in range(2)][-1],
         "rate-limited": [client.post(TOKEN, json={"email": user["email"], "password": PASSWORD})
                          for _ in range(4)][-1],
     }
@@ -2879,7 +2883,7 @@ def unreachable(*args, **kwargs):
 
 @pytest.mark.parametrize("prefix", ["", "/shop"])
 def test_every_kind_of_problem_has_its_own_type_and_title_described_at_that_url(make_app, prefix):
-    app = make_app(max_body=2000, rate_limit=1000, auth_rate_limit=5)
+    app = make_app(max_body=2000, rate_limit=1000, auth_rate_limit=7, login_failures=1)
     outer = Starlette(routes=[Mount(prefix, app=app)]) if prefix else app
     with TestClient(outer, base_url=f"http://testserver{prefix}") as client:
         client.app = app  # the helpers reach quire's store through client.app; requests go through `outer`
@@ -3103,7 +3107,8 @@ def test_signing_in_is_limited_after_two_and_registering_has_a_bucket_of_its_own
 
 
 def test_a_rate_limit_of_zero_turns_both_limits_off(make_app):
-    with TestClient(make_app(rate_limit=0, auth_rate_limit=1)) as client:
+    # The sign-in throttle is no rate limit and stays on; here it is set high enough not to show.
+    with TestClient(make_app(rate_limit=0, auth_rate_limit=1, login_failures=100)) as client:
         user = register(client)
         for _ in range(15):
             assert client.post(TOKEN, json={"email": user["email"], "password": "wrong password"}).status_code == 401
@@ -4059,7 +4064,8 @@ def test_the_bearer_scheme_is_required_by_exactly_the_operations_that_answer_401
     answers 401 if and only if the document puts it behind the bearer scheme."""
     document = client.get("/openapi.json").json()
     assert document["components"]["securitySchemes"] == {
-        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+        "oauth2": {"type": "oauth2", "flows": {"password": {"tokenUrl": "/api/v1/auth/token", "scopes": {}}}}}
     owner, headers = signed_in_user(client, email="ada@example.com")  # the examples' user
     book = client.post(BOOKS, json={"title": "Dune", "author": "Frank Herbert"}, headers=headers).json()
     ids = {"/api/v1/books/{id}": book["id"], "/api/v1/users/{id}": owner["id"]}
@@ -4070,7 +4076,7 @@ def test_the_bearer_scheme_is_required_by_exactly_the_operations_that_answer_401
             kwargs = {"content": json.dumps(operation["requestBody"]["content"]["application/json"]["example"]),
                       "headers": JSON_HEADERS}
         response = client.request(method, url, **kwargs)
-        secured = operation.get("security") == [{"bearer": []}]
+        secured = operation.get("security") == [{"bearer": []}, {"oauth2": []}]
         needs_token = response.status_code == 401 and "Sign in" in response.json()["detail"]
         assert secured == needs_token, (method, path, response.status_code, response.text[:200])
         if secured:
@@ -4093,7 +4099,7 @@ def test_the_server_url_is_the_root_or_the_mount_prefix(make_app):
 # == Request examples =============================================================================
 
 EXAMPLE_ORDER = ["register", "issue_token", "create_book", "replace_book", "patch_book", "place_order",
-                 "move_order"]
+                 "move_order", "change_password"]  # last: it revokes the examples' token
 
 
 def test_every_request_body_example_matches_its_schema_and_is_accepted_by_its_endpoint(checked):
@@ -4118,7 +4124,8 @@ def test_every_request_body_example_matches_its_schema_and_is_accepted_by_its_en
                 url = path.replace("{id}", str(order.json()["id"]))
             else:
                 url = path.replace("{id}", str(book_id))
-            response = client.request(method, url, content=json.dumps(example),
+            body = urlencode(example) if content_type == "application/x-www-form-urlencoded" else json.dumps(example)
+            response = client.request(method, url, content=body,
                                       headers={"Content-Type": content_type, **headers})
             assert response.status_code == int(success), (method, path, content_type, response.text)
             if operation["operationId"] == "issue_token":

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
+FORM = "application/x-www-form-urlencoded"
 encoder = msgspec.json.Encoder()
 T = TypeVar("T")
 
@@ -89,25 +90,27 @@ class Problem(Struct, omit_defaults=True):
     detail: str
     errors: list[dict[str, str]] = []
     request_id: str | None = None
+    error: str | None = None  # OAuth 2.0's code (RFC 6749 §5.2), on a token endpoint's form refusals
 
 
 class HTTPProblem(Exception):
     """A problem to answer; `kind` defaults to the HTTP kind of `status`."""
 
     def __init__(self, status: int, detail: str, *, kind: Kind | None = None,
-                 errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> None:
+                 errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None,
+                 error: str | None = None) -> None:
         super().__init__(detail)
         self.status, self.detail, self.kind = status, detail, kind or BY_STATUS[status]
-        self.errors, self.headers = errors or [], headers or {}
+        self.errors, self.headers, self.error = errors or [], headers or {}, error
 
 
 def problem_response(scope: Scope, status: int, detail: str, *, kind: Kind | None = None,
                      errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None,
-                     request_id: str | None = None) -> Response:
+                     request_id: str | None = None, error: str | None = None) -> Response:
     """The problem+json answer; its `type` is a path of the app the request `scope` is for."""
     kind = kind or BY_STATUS[status]
     problem = Problem(type=prefixed(scope, f"/problems/{kind.name}"), title=kind.title, status=status,
-                      detail=detail, errors=errors or [], request_id=request_id)
+                      detail=detail, errors=errors or [], request_id=request_id, error=error)
     return Response(encoder.encode(problem), status, headers, "application/problem+json")
 
 
@@ -141,7 +144,7 @@ def invalid_parameter(name: str, detail: str) -> HTTPProblem:
 
 async def on_problem(request: Request, error: HTTPProblem) -> Response:
     return problem_response(request.scope, error.status, error.detail, kind=error.kind, errors=error.errors,
-                            headers=error.headers)
+                            headers=error.headers, error=error.error)
 
 
 async def on_http_exception(request: Request, error: HTTPException) -> Response:
@@ -167,13 +170,18 @@ def prefixed(scope: Scope, path: str) -> str:
     return prefix.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C") + path
 
 
+def media_type(request: Request) -> str:
+    """The request body's media type, lower-case, without parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_json(request: Request, *media_types: str) -> bytes:
     """The raw body, after checking its media type (415); too large a body stops reading (413)."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    received = media_type(request)
     body = await request.body()
     accepted = media_types or (JSON,)
-    if media_type not in accepted:
-        raise HTTPProblem(415, f"Send the body as {' or '.join(accepted)}, not {media_type or 'nothing'}.")
+    if received not in accepted:
+        raise HTTPProblem(415, f"Send the body as {' or '.join(accepted)}, not {received or 'nothing'}.")
     return body
 
 
@@ -321,6 +329,7 @@ class Operation:
     errors: tuple[int, ...] = ()  # the statuses it may answer besides `ok` (500 always; 429, 503 if counted)
     signed_in: bool = False  # needs a bearer token
     media_type: str = JSON  # of the success body
+    form: Any = None  # the Struct of an `application/x-www-form-urlencoded` body it also takes
     etag: bool = False  # the success answer carries an ETag
     conditional: str | None = None  # the precondition header it honours: If-None-Match or If-Match
     private: bool = False  # `Cache-Control: no-store` on every answer here and below (accounts, credentials)
