@@ -559,6 +559,298 @@ def test_requests_without_an_id_get_distinct_ones(plain_client):
     assert len(ids) == 5
 
 
+# == Refresh tokens and the OAuth 2.0 form ========================================================
+
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def sign_in(client: TestClient, email: str, password: str = PASSWORD) -> dict:
+    response = client.post(TOKEN, json={"email": email, "password": password})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def refresh(client: TestClient, refresh_token: str):
+    return client.post(TOKEN, json={"refresh_token": refresh_token})
+
+
+def assert_token_answer(response) -> dict:
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert set(body) == {"access_token", "token_type", "expires_in", "refresh_token"}
+    assert body["token_type"] == "bearer" and body["expires_in"] == 3600
+    assert len(base64.urlsafe_b64decode(body["refresh_token"] + "==")) >= 32
+    return body
+
+
+def assert_refused_grant(response, error: str, detail: str = "") -> dict:
+    body = assert_problem(response, 400, detail)
+    assert body["error"] == error and body["type"] == "/problems/invalid-grant", body
+    return body
+
+
+def test_each_grant_answers_an_access_token_and_a_refresh_token(client):
+    user = register(client)
+    grants = [
+        client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}),
+        client.post(TOKEN, data={"grant_type": "password", "username": user["email"], "password": PASSWORD}),
+    ]
+    for response in grants:
+        body = assert_token_answer(response)
+        assert client.get(ME, headers=bearer(body["access_token"])).json() == user
+        by_json = assert_token_answer(refresh(client, body["refresh_token"]))
+        by_form = assert_token_answer(client.post(TOKEN, data={"grant_type": "refresh_token",
+                                                               "refresh_token": by_json["refresh_token"]}))
+        assert len({body["refresh_token"], by_json["refresh_token"], by_form["refresh_token"]}) == 3
+        for new in (by_json, by_form):
+            assert client.get(ME, headers=bearer(new["access_token"])).json() == user
+    # Only hashes are stored: the database cannot hand out a session.
+    store = client.app.state.quire.store
+    stored = {row["token_hash"] for row in client.portal.call(store.query, "SELECT token_hash FROM refresh_tokens")}
+    assert body["refresh_token"] not in stored
+    assert hashlib.sha256(body["refresh_token"].encode()).hexdigest() in stored
+
+
+def test_the_form_ignores_scope_client_fields_and_basic_client_authentication(client):
+    user = register(client)
+    response = client.post(TOKEN, data={"grant_type": "password", "username": user["email"].upper(),
+                                        "password": PASSWORD, "scope": "read write", "client_id": "swagger",
+                                        "client_secret": ""},
+                           headers={"Authorization": "Basic " + base64.b64encode(b"swagger:").decode()})
+    assert_token_answer(response)
+
+
+@pytest.mark.parametrize("form, error, detail", [
+    ("", "invalid_request", "needs a `grant_type`"),
+    ("username=a%40example.com&password=x", "invalid_request", "needs a `grant_type`"),
+    ("grant_type=client_credentials", "unsupported_grant_type", "'client_credentials' is not supported"),
+    ("grant_type=password&username=a%40example.com", "invalid_request", "needs `username` and `password`"),
+    ("grant_type=password&password=x", "invalid_request", "needs `username` and `password`"),
+    ("grant_type=refresh_token", "invalid_request", "needs `refresh_token`"),
+    ("grant_type=password&grant_type=password&username=a%40example.com&password=x", "invalid_request",
+     "`grant_type` is repeated"),
+    ("grant_type=refresh_token&refresh_token=garbage", "invalid_grant", "refresh token is unknown"),
+    ("grant_type=password&username=nobody%40example.com&password=x", "invalid_grant", "wrong"),
+    ("%ff%fe=1", "invalid_request", "not valid application/x-www-form-urlencoded"),
+])
+def test_the_forms_refusals_follow_rfc_6749_and_change_nothing(client, form, error, detail):
+    sessions = lambda: client.portal.call(client.app.state.quire.store.query, "SELECT id FROM sessions")  # noqa: E731
+    assert_refused_grant(client.post(TOKEN, content=form.encode(), headers=FORM_HEADERS), error, detail)
+    assert sessions() == []
+
+
+@pytest.mark.parametrize("body, detail", [
+    ({"email": "a@example.com", "password": PASSWORD, "refresh_token": "x"}, "Send either"),
+    ({"password": PASSWORD, "refresh_token": "x"}, "Send either"),
+    ({"email": "a@example.com"}, "Send either"),
+    ({}, "Send either"),
+    ({"refresh_token": 7}, "Expected `str`"),
+])
+def test_json_that_mixes_or_lacks_the_grants_fields_is_400(client, body, detail):
+    assert_problem(client.post(TOKEN, json=body), 400, detail)
+
+
+@pytest.mark.parametrize("token", ["garbage", "", "x" * 1000])
+def test_a_bad_refresh_token_in_json_is_401(client, token):
+    body = assert_unauthorized(refresh(client, token))
+    assert "refresh token is unknown, spent, expired or revoked" in body["detail"]
+
+
+def test_a_spent_refresh_token_sent_again_revokes_its_whole_session_and_only_that(client):
+    user = register(client)
+    first, other = sign_in(client, user["email"]), sign_in(client, user["email"])
+    rotated = assert_token_answer(refresh(client, first["refresh_token"]))
+    # The stolen copy of the spent token is presented again: the session ends, both ways in.
+    reused = client.post(TOKEN, data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
+    assert_refused_grant(reused, "invalid_grant", "used before, so its session is revoked")
+    assert_unauthorized(refresh(client, rotated["refresh_token"]))
+    for access_token in (first["access_token"], rotated["access_token"]):
+        assert assert_unauthorized(client.get(ME, headers=bearer(access_token)))["type"] == "/problems/token-revoked"
+    # The user's other session goes on.
+    assert client.get(ME, headers=bearer(other["access_token"])).status_code == 200
+    assert_token_answer(refresh(client, other["refresh_token"]))
+
+
+def test_of_two_concurrent_refreshes_with_one_token_exactly_one_succeeds(client):
+    user = register(client)
+    token = sign_in(client, user["email"])["refresh_token"]
+    responses = at_once(8, lambda n: refresh(client, token))
+    assert sorted(response.status_code for response in responses) == [200] + [401] * 7
+
+
+def test_refresh_tokens_expire_after_the_refresh_ttl(make_app):
+    with TestClient(make_app(refresh_ttl=1)) as client:
+        user = register(client)
+        token = sign_in(client, user["email"])["refresh_token"]
+        time.sleep(2.1)
+        assert_unauthorized(refresh(client, token))
+
+
+def test_access_tokens_expire_after_the_token_ttl_as_token_expired(make_app, monkeypatch):
+    monkeypatch.setattr(auth, "LEEWAY_SECONDS", 0)  # or the test would wait 30 s more
+    with TestClient(make_app(token_ttl=1)) as client:
+        user = register(client)
+        tokens = sign_in(client, user["email"])
+        assert tokens["expires_in"] == 1
+        time.sleep(2.1)
+        body = assert_unauthorized(client.get(ME, headers=bearer(tokens["access_token"])))
+        assert body["type"] == "/problems/token-expired" and body["title"] == api.TOKEN_EXPIRED.title
+        refreshed = refresh(client, tokens["refresh_token"])  # what a client does on token-expired
+        assert refreshed.status_code == 200, refreshed.text
+        assert client.get(ME, headers=bearer(refreshed.json()["access_token"])).status_code == 200
+
+
+def test_logout_ends_the_session_its_refresh_token_included(client):
+    user = register(client)
+    tokens = sign_in(client, user["email"])
+    assert client.post(LOGOUT, headers=bearer(tokens["access_token"])).status_code == 204
+    assert_unauthorized(refresh(client, tokens["refresh_token"]))
+
+
+# == Changing the password ========================================================================
+
+PASSWORD_URL = "/api/v1/users/me/password"
+
+
+def test_changing_the_password_refuses_every_older_token_at_once(client):
+    user = register(client)
+    sessions = [sign_in(client, user["email"]) for _ in range(2)]
+    headers = bearer(sessions[0]["access_token"])
+    response = client.post(PASSWORD_URL, json={"current_password": PASSWORD, "new_password": "a new long password"},
+                           headers=headers)
+    assert response.status_code == 204 and response.content == b""
+    assert response.headers["cache-control"] == "no-store"
+    for tokens in sessions:
+        body = assert_unauthorized(client.get(ME, headers=bearer(tokens["access_token"])))
+        assert body["type"] == "/problems/token-revoked"
+        assert_unauthorized(refresh(client, tokens["refresh_token"]))
+    assert_unauthorized(client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}))
+    new = sign_in(client, user["email"], "a new long password")
+    assert client.get(ME, headers=bearer(new["access_token"])).json() == user
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"current_password": "wrong password", "new_password": "a new long password"}, 403, "current password is wrong"),
+    ({"current_password": PASSWORD, "new_password": "short"}, 400, "Expected `str` of length >= 8 (#/new_password)"),
+    ({"current_password": PASSWORD, "new_password": "x" * 129}, 400, "Expected `str` of length <= 128"),
+    ({"current_password": PASSWORD}, 400, "missing required field `new_password`"),
+    ({"current_password": PASSWORD, "new_password": "a new long password", "role": "admin"}, 400, "unknown field"),
+])
+def test_a_refused_password_change_changes_nothing(client, body, status, detail):
+    user, headers = signed_in_user(client)
+    assert_problem(client.post(PASSWORD_URL, json=body, headers=headers), status, detail)
+    assert client.get(ME, headers=headers).status_code == 200
+    sign_in(client, user["email"])
+
+
+def test_a_wrong_current_password_counts_as_a_failed_sign_in(make_app):
+    with TestClient(make_app(login_failures=2)) as client:
+        user, headers = signed_in_user(client)
+        wrong = {"current_password": "wrong password", "new_password": "a new long password"}
+        assert client.post(PASSWORD_URL, json=wrong, headers=headers).status_code == 403
+        assert client.post(TOKEN, json={"email": user["email"], "password": "nope"}).status_code == 401
+        assert_problem(client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}), 429)
+
+
+def test_a_password_change_needs_a_token(client):
+    assert_unauthorized(client.post(PASSWORD_URL, json={"current_password": PASSWORD, "new_password": "x" * 10}))
+
+
+# == Failed sign-ins ==============================================================================
+
+
+def fail_sign_in(client: TestClient, email: str):
+    return client.post(TOKEN, json={"email": email, "password": "not the password"})
+
+
+def test_five_failed_sign_ins_stop_the_email_for_fifteen_minutes_even_with_the_right_password(client):
+    user = register(client)
+    for _ in range(5):
+        assert_unauthorized(fail_sign_in(client, user["email"]))
+    for response in (fail_sign_in(client, user["email"]),
+                     client.post(TOKEN, json={"email": user["email"].upper(), "password": PASSWORD}),
+                     client.post(TOKEN, data={"grant_type": "password", "username": user["email"],
+                                              "password": PASSWORD})):
+        body = assert_problem(response, 429, "Too many failed sign-ins")
+        assert body["type"] == "/problems/too-many-failed-sign-ins"
+        assert 890 <= int(response.headers["retry-after"]) <= 900
+    # Another email is not affected; an unknown email is throttled the same way.
+    assert_token_answer(client.post(TOKEN, json={"email": register(client)["email"], "password": PASSWORD}))
+    for _ in range(5):
+        assert_unauthorized(fail_sign_in(client, "nobody@example.com"))
+    assert_problem(fail_sign_in(client, "nobody@example.com"), 429)
+
+
+def test_a_success_clears_the_count(client):
+    user = register(client)
+    for _ in range(4):
+        fail_sign_in(client, user["email"])
+    sign_in(client, user["email"])
+    for _ in range(4):
+        assert_unauthorized(fail_sign_in(client, user["email"]))
+    sign_in(client, user["email"])
+
+
+def test_failures_older_than_fifteen_minutes_no_longer_count(client):
+    user = register(client)
+    store = client.app.state.quire.store
+    for age in (901, 950, 1000, 2000, 5000):  # five failures, all out of the window
+        client.portal.call(functools.partial(
+            store.query, "INSERT INTO sign_in_failures (email, failed_at) VALUES (:email, :at)",
+            {"email": user["email"], "at": time.time() - age}, write=True))
+    sign_in(client, user["email"])
+    for age in (100, 200, 300, 400, 500):  # five inside it
+        client.portal.call(functools.partial(
+            store.query, "INSERT INTO sign_in_failures (email, failed_at) VALUES (:email, :at)",
+            {"email": user["email"], "at": time.time() - age}, write=True))
+    response = client.post(TOKEN, json={"email": user["email"], "password": PASSWORD})
+    assert_problem(response, 429)
+    assert 395 <= int(response.headers["retry-after"]) <= 401  # until the oldest (500 s ago) leaves
+
+
+def test_the_throttle_holds_across_two_apps_on_one_database(make_app):
+    with TestClient(make_app()) as first, TestClient(make_app()) as second:
+        user = register(first)
+        for n in range(5):
+            assert_unauthorized(fail_sign_in(first if n % 2 else second, user["email"]))
+        assert_problem(first.post(TOKEN, json={"email": user["email"], "password": PASSWORD}), 429)
+        assert_problem(second.post(TOKEN, json={"email": user["email"], "password": PASSWORD}), 429)
+
+
+def test_login_failures_is_at_least_one(database_url):
+    with pytest.raises(ValueError, match="QUIRE_LOGIN_FAILURES"):
+        api.create_app(config=api.Config(environ={"QUIRE_LOGIN_FAILURES": "0"}), database_url=database_url)
+
+
+# == A real OAuth 2.0 client ======================================================================
+
+
+def test_a_standard_oauth_client_signs_in_with_the_password_grant_and_refreshes(tmp_path, database_url, monkeypatch):
+    """requests-oauthlib, as an application would use it, against quire in a real uvicorn."""
+    from oauthlib.oauth2 import LegacyApplicationClient
+    from requests_oauthlib import OAuth2Session
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # plain http on loopback
+    with uvicorn_server(tmp_path, database_url) as server:
+        server.wait_ready()
+        with httpx2.Client(base_url=server.url, timeout=10) as http:
+            assert http.post(USERS, json={"email": "ada@example.com", "name": "Ada", "password": PASSWORD}
+                             ).status_code == 201
+        session = OAuth2Session(client=LegacyApplicationClient(client_id="quire-test"))
+        token = session.fetch_token(server.url + TOKEN, username="ada@example.com", password=PASSWORD,
+                                    client_id="quire-test", include_client_id=True)
+        assert token["token_type"].lower() == "bearer" and token["refresh_token"]
+        assert session.get(server.url + ME).json()["email"] == "ada@example.com"
+        refreshed = session.refresh_token(server.url + TOKEN, client_id="quire-test")
+        assert refreshed["refresh_token"] != token["refresh_token"]
+        assert session.get(server.url + ME).status_code == 200
+        # A wrong password comes back as the OAuth error the library raises.
+        from oauthlib.oauth2.rfc6749.errors import InvalidGrantError
+        with pytest.raises(InvalidGrantError):
+            OAuth2Session(client=LegacyApplicationClient(client_id="quire-test")).fetch_token(
+                server.url + TOKEN, username="ada@example.com", password="wrong password")
+
+
 # == Verifying tokens =============================================================================
 # Each case makes, from the app's key, a user id and a good token, the value that is sent.
 
