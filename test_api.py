@@ -4872,13 +4872,17 @@ def test_in_a_browser_swagger_ui_renders_authorizes_and_tries_it_out(make_app, p
             assert json.loads(body)["email"] == "ada@example.com"
             status, body, _ = execute(browser, "document.getElementById('operations-auth-issue_token')")
             assert status == "200", body
-            token = json.loads(body)["access_token"]
+            assert json.loads(body)["refresh_token"]
 
+            # Authorize with the oauth2 password flow: Swagger UI posts the form to the tokenUrl
+            # (the mount prefix included) and sends the access token it gets from then on.
             browser.click(".auth-wrapper .authorize")
-            browser.type(".auth-container input", token)
-            browser.click(".auth-btn-wrapper .authorize")
-            browser.wait_for("!!document.querySelector('.auth-btn-wrapper .btn-done')")
-            browser.click(".auth-btn-wrapper .btn-done")
+            oauth2 = "[...document.querySelectorAll('.auth-container')].find(c => c.textContent.includes('oauth2'))"
+            browser.type("#oauth_username", "ada@example.com")
+            browser.type("#oauth_password", "correct horse")
+            browser.click(".auth-btn-wrapper .authorize", oauth2)
+            browser.wait_for(f"{oauth2}.querySelector('.auth-btn-wrapper .authorize')?.textContent.trim() === 'Logout'")
+            browser.click(".btn-done")
 
             status, body, url = execute(browser, "document.getElementById('operations-users-me')")
             assert status == "200", body
