@@ -213,6 +213,20 @@ def test_importing_the_runtime_modules_does_no_io(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_container_image_holds_every_runtime_module_and_no_test_package():
+    dockerfile = Path(HERE, "Dockerfile").read_text()
+    copied = re.search(r"^COPY --chown=\S+ (.+) \./$", dockerfile, re.M).group(1).split()
+    assert sorted(copied) == sorted(f"{module}.py" for module in RUNTIME_MODULES)
+    allowed = {line[1:] for line in Path(HERE, ".dockerignore").read_text().split() if line.startswith("!")}
+    assert allowed == {*copied, "requirements.txt"}
+    # The image installs what precedes the `# Tests` line (the Dockerfile cuts there with sed).
+    assert "sed '/^# Tests/,$d' requirements.txt" in dockerfile
+    runtime = Path(HERE, "requirements.txt").read_text().split("\n# Tests")[0]
+    packages = {line.split("==")[0] for line in runtime.splitlines() if line and not line.startswith("#")}
+    assert {"starlette", "msgspec", "uvicorn[standard]", "databases", "aiosqlite", "asyncpg"} <= packages
+    assert not packages & {"pytest", "httpx2", "fastapi", "requests-oauthlib", "http-sfv", "PyJWT"}
+
+
 @pytest.fixture
 def plain_client(tmp_path) -> Iterator[TestClient]:
     """A client for HTTP plumbing that a request settles before it reaches the database (routing,
