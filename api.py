@@ -3,11 +3,12 @@
 api.py is quire's own story, read top to bottom: its configuration, the request and response
 bodies (msgspec Structs), the handlers, the table of operations (from which the routes, the
 OpenAPI document and the middleware's view of paths are all made), `create_app()` and the
-command line. It leans on four modules, each with one role:
+command line. It leans on five modules, each with one role:
 
     web.py      HTTP plumbing any JSON API needs: problems, strict request reading, cursors,
                 routes from the operations table, the middleware (request ids, limits, logs)
     openapi.py  the OpenAPI 3.1 document made from the operations table, and /docs
+    commands.py what `create-admin` and `demo` do
     store.py    SQL: migrations, queries, transactions
     auth.py     passwords, tokens and the permission rules
 
@@ -451,6 +452,7 @@ async def check_password(request: Request, email: str, password: str, wrong: HTT
 
 
 async def tokens(request: Request, user: storage.Row, session_id: int, refresh_token: str) -> Response:
+    """The token endpoint's answer: a new access token of the session, and its refresh token."""
     app = quire(request)
     access_token, _ = auth.make_token(user["id"], await app.signing_key(), app.settings.token_ttl,
                                       session_id=session_id, generation=user["token_generation"])
@@ -510,6 +512,10 @@ def oauth_grant(body: bytes) -> tuple[str | None, str | None, str | None]:
         if name in form:
             raise refused_grant("invalid_request", f"The parameter `{name}` is repeated; send it once.")
         form[name] = value
+    # The JSON body's limits hold here too; NUL is refused because PostgreSQL cannot store it.
+    for name, limit in (("username", 254), ("password", 1024), ("refresh_token", 1024)):
+        if len(form.get(name, "")) > limit or "\x00" in form.get(name, ""):
+            raise refused_grant("invalid_request", f"`{name}` is longer than {limit} characters or holds a NUL.")
     grant_type = form.get("grant_type")
     if grant_type == "password" and form.get("username") and "password" in form:
         return form["username"], form["password"], None
@@ -885,7 +891,7 @@ async def move_order(request: Request) -> Response:
     return order_response(moved)
 
 
-# == Problems and probes ==========================================================================
+# == Problem descriptions =========================================================================
 
 
 async def describe_problem(request: Request) -> Response:

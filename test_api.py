@@ -647,6 +647,9 @@ def test_the_form_ignores_scope_client_fields_and_basic_client_authentication(cl
     ("grant_type=refresh_token&refresh_token=garbage", "invalid_grant", "refresh token is unknown"),
     ("grant_type=password&username=nobody%40example.com&password=x", "invalid_grant", "wrong"),
     ("%ff%fe=1", "invalid_request", "not valid application/x-www-form-urlencoded"),
+    ("grant_type=password&username=a%00b%40example.com&password=x", "invalid_request", "`username`"),
+    ("grant_type=password&username=a%40example.com&password=" + "x" * 1025, "invalid_request", "`password`"),
+    ("grant_type=refresh_token&refresh_token=a%00", "invalid_request", "`refresh_token`"),
 ])
 def test_the_forms_refusals_follow_rfc_6749_and_change_nothing(client, form, error, detail):
     sessions = lambda: client.portal.call(client.app.state.quire.store.query, "SELECT id FROM sessions")  # noqa: E731
