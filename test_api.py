@@ -3059,16 +3059,30 @@ def test_of_two_concurrent_cancels_one_wins_and_the_stock_comes_back_once(client
 
 
 def test_of_two_concurrent_moves_from_one_status_exactly_one_wins(client):
+    """Two admins move one placed order, each having read it as placed (If-Match): one to paid, one
+    to cancelled. Whichever order they run in, exactly one moves it; the other changes nothing."""
+    _, headers = signed_in_user(client)
+    book = for_sale(client, headers, stock=5)
+    placed = place(client, headers, (book["id"], 3))
+    order, etag = placed.json(), placed.headers["etag"]
+    boss = admin(client)
+    targets = ["paid", "cancelled"]
+    responses = at_once(2, lambda n: client.patch(f"{ORDERS}/{order['id']}", json={"status": targets[n]},
+                                                 headers={**boss, "If-Match": etag}))
+    assert sorted(response.status_code for response in responses) == [200, 412]
+    winner = next(response for response in responses if response.status_code == 200).json()["status"]
+    assert client.get(f"{ORDERS}/{order['id']}", headers=boss).json()["status"] == winner
+    assert stock(client, book["id"]) == (5 if winner == "cancelled" else 2)
+
+
+def test_of_two_concurrent_identical_moves_one_wins_and_the_other_is_409(client):
     _, headers = signed_in_user(client)
     book = for_sale(client, headers, stock=5)
     order = place(client, headers, (book["id"], 3)).json()
     boss = admin(client)
-    targets = ["paid", "cancelled"]
-    responses = at_once(2, lambda n: client.patch(f"{ORDERS}/{order['id']}", json={"status": targets[n]},
+    responses = at_once(2, lambda n: client.patch(f"{ORDERS}/{order['id']}", json={"status": "paid"},
                                                  headers=boss))
     assert sorted(response.status_code for response in responses) == [200, 409]
-    winner = next(response for response in responses if response.status_code == 200).json()["status"]
-    assert stock(client, book["id"]) == (5 if winner == "cancelled" else 2)
 
 
 def test_ten_concurrent_requests_with_one_key_place_one_order(client):
