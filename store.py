@@ -287,9 +287,29 @@ class Store:
         # WAL: readers never wait for the writer. synchronous=NORMAL: a committed write is in the
         # WAL file before the 2xx goes out, so it survives the process being killed; only a power
         # cut may lose the last commits (FULL would fsync each one, at some 0.5 ms a write).
-        for pragma in ("journal_mode = WAL", "foreign_keys = ON", "synchronous = NORMAL"):
-            await raw.execute(f"PRAGMA {pragma}")
+        try:
+            await self._switch_to_wal(raw)
+            for pragma in ("foreign_keys = ON", "synchronous = NORMAL"):
+                await raw.execute(f"PRAGMA {pragma}")
+        except BaseException:
+            # Closed here, or its aiosqlite thread (not a daemon) would keep the process from exiting.
+            await connection.__aexit__(None, None, None)
+            raise
         return connection
+
+    @staticmethod
+    async def _switch_to_wal(raw: Any) -> None:
+        """`PRAGMA journal_mode = WAL`, retried for up to five seconds: switching a fresh database
+        takes an exclusive lock, and when waiting for it could deadlock SQLite answers "busy" at
+        once instead of waiting out the busy timeout, so workers starting together retry."""
+        for attempt in range(50):
+            try:
+                await raw.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if attempt == 49 or getattr(error, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def _close(self) -> None:
         for connection in (self._reader, self._writer):
