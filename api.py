@@ -434,20 +434,19 @@ def refused_grant(error: str, detail: str) -> HTTPProblem:
 
 
 async def check_password(request: Request, email: str, password: str, wrong: HTTPProblem) -> storage.Row:
-    """The user whose email and password these are; raises `wrong` otherwise, counting the
-    failure, and 429 while the email has had too many failures (known email or not, so the
-    answer does not tell which emails exist)."""
-    app, now = quire(request), time.time()
-    login = await app.store.get_login(email, failures_since=now - SIGN_IN_WINDOW)
-    if login["failures"] >= app.settings.login_failures:
-        wait = max(1, math.ceil(login["oldest"] + SIGN_IN_WINDOW - now))
+    """The user whose email and password these are; raises `wrong` otherwise, the attempt
+    counted as a failure, and 429 while the email has had too many failures (known email or
+    not, so the answer does not tell which emails exist)."""
+    app = quire(request)
+    login = await app.store.attempt_sign_in(email, window=SIGN_IN_WINDOW)  # counted before the check
+    if login["failures"] > app.settings.login_failures:  # this attempt included
+        await app.store.forget_attempt(login["attempt"])
+        wait = max(1, math.ceil(login["oldest"] + SIGN_IN_WINDOW - time.time()))
         raise HTTPProblem(429, f"Too many failed sign-ins for this email; try again in {wait} seconds.",
                           kind=TOO_MANY_FAILED, headers={"Retry-After": str(wait)})
     if not await auth.verify_password(login["password_hash"] if login["id"] else None, password):
-        await app.store.record_failure(email, forget_before=now - SIGN_IN_WINDOW)
-        raise wrong
-    if login["failures"]:
-        await app.store.clear_failures(email)
+        raise wrong  # the attempt stays counted: it failed
+    await app.store.clear_failures(email)  # this attempt, and any failures before it
     return login
 
 
@@ -474,7 +473,8 @@ async def issue_token(request: Request) -> Response:
                  else unauthorized("The email or the password is wrong."))
         user = await check_password(request, email.lower(), password, wrong)
         refresh_token, refresh_hash = auth.new_refresh_token()
-        session_id = await app.store.start_session(user["id"], refresh_hash=refresh_hash,
+        session_id = await app.store.start_session(user["id"], generation=user["token_generation"],
+                                                   refresh_hash=refresh_hash,
                                                    expires_at=int(time.time()) + app.settings.refresh_ttl)
         return await tokens(request, user, session_id, refresh_token)
     next_token, next_hash = auth.new_refresh_token()

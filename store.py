@@ -166,6 +166,7 @@ MIGRATIONS = [
     CREATE TABLE sessions (
         id {id},
         user_id BIGINT NOT NULL REFERENCES users (id),
+        generation BIGINT NOT NULL,
         revoked BOOLEAN NOT NULL DEFAULT FALSE,
         created_at TEXT NOT NULL
     );
@@ -177,7 +178,7 @@ MIGRATIONS = [
         expires_at BIGINT NOT NULL
     );
     CREATE INDEX refresh_tokens_session ON refresh_tokens (session_id);
-    CREATE TABLE sign_in_failures (email TEXT NOT NULL, failed_at DOUBLE PRECISION NOT NULL);
+    CREATE TABLE sign_in_failures (id {id}, email TEXT NOT NULL, failed_at DOUBLE PRECISION NOT NULL);
     CREATE INDEX sign_in_failures_email ON sign_in_failures (email, failed_at);
     """,
 ]
@@ -471,18 +472,27 @@ class Store:
             f"WHERE email = :email AND failed_at > :since) AS f LEFT JOIN users AS u ON u.email = :email",
             {"email": email, "since": failures_since})
 
-    async def record_failure(self, email: str, *, forget_before: float) -> None:
-        """Count a failed sign-in for `email`; failures older than `forget_before` are deleted
-        (this email's now, everyone's at most every ten minutes), so the table stays small."""
-        async with self.transaction() as run:
-            if time.time() - self._last_failure_purge >= 600:
-                self._last_failure_purge = time.time()
-                await run("DELETE FROM sign_in_failures WHERE failed_at <= :before", {"before": forget_before})
-            else:
-                await run("DELETE FROM sign_in_failures WHERE email = :email AND failed_at <= :before",
-                          {"email": email, "before": forget_before})
-            await run("INSERT INTO sign_in_failures (email, failed_at) VALUES (:email, :now)",
-                      {"email": email, "now": time.time()})
+    async def attempt_sign_in(self, email: str, *, window: float) -> Row:
+        """Count a sign-in for `email` as failed *before* its password is checked, then read
+        `get_login`'s row (its `failures` include this attempt) and `attempt` (the id to forget).
+
+        Counted first, because checking a password takes a tenth of a second: attempts sent all at
+        once would otherwise each read the count before any of them wrote a failure, and a
+        guesser would get as many tries as it can send in parallel. Counted first, no more than
+        the limit of them can find a count under it. Failures older than the window are purged
+        at most every ten minutes, so the table stays small."""
+        now = time.time()
+        if now - self._last_failure_purge >= 600:
+            self._last_failure_purge = now
+            await self.query("DELETE FROM sign_in_failures WHERE failed_at <= :before",
+                             {"before": now - window}, write=True)
+        attempt = await self.one("INSERT INTO sign_in_failures (email, failed_at) VALUES (:email, :now) RETURNING id",
+                                 {"email": email, "now": now}, write=True)
+        return {**await self.get_login(email, failures_since=now - window), "attempt": attempt["id"]}
+
+    async def forget_attempt(self, attempt: int) -> None:
+        """An attempt refused before its password was checked is not a failure."""
+        await self.query("DELETE FROM sign_in_failures WHERE id = :id", {"id": attempt}, write=True)
 
     async def clear_failures(self, email: str) -> None:
         await self.query("DELETE FROM sign_in_failures WHERE email = :email", {"email": email}, write=True)
@@ -508,11 +518,14 @@ class Store:
 
     # -- sessions and refresh tokens --------------------------------------------------------------
 
-    async def start_session(self, user_id: int, *, refresh_hash: str, expires_at: int) -> int:
-        """A new session for the user, with its first refresh token; its id."""
+    async def start_session(self, user_id: int, *, generation: int, refresh_hash: str, expires_at: int) -> int:
+        """A new session for the user, with its first refresh token; its id. `generation` is the
+        user's token generation when the password was checked: a password change committed in
+        between moves the user's on, and the session is then refused at its first refresh."""
         async with self.transaction() as run:
-            [session] = await run("INSERT INTO sessions (user_id, created_at) VALUES (:user_id, :now) RETURNING id",
-                                  {"user_id": user_id, "now": utc_now()})
+            [session] = await run("INSERT INTO sessions (user_id, generation, created_at) "
+                                  "VALUES (:user_id, :generation, :now) RETURNING id",
+                                  {"user_id": user_id, "generation": generation, "now": utc_now()})
             await run("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) "
                       "VALUES (:hash, :session_id, :expires_at)",
                       {"hash": refresh_hash, "session_id": session["id"], "expires_at": expires_at})
@@ -530,7 +543,8 @@ class Store:
         async with self.transaction() as run:
             spent = await run(
                 "UPDATE refresh_tokens SET spent = TRUE WHERE token_hash = :hash AND NOT spent "
-                "AND expires_at > :now AND session_id IN (SELECT id FROM sessions WHERE NOT revoked) "
+                "AND expires_at > :now AND session_id IN (SELECT s.id FROM sessions AS s JOIN users AS u "
+                "ON u.id = s.user_id WHERE NOT s.revoked AND s.generation = u.token_generation) "
                 "RETURNING session_id", {"hash": refresh_hash, "now": now})
             if not spent:
                 known = await run("SELECT session_id, spent FROM refresh_tokens WHERE token_hash = :hash",

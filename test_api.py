@@ -761,6 +761,24 @@ def test_a_refused_password_change_changes_nothing(client, body, status, detail)
     sign_in(client, user["email"])
 
 
+def test_a_sign_in_that_races_a_password_change_gets_a_session_that_is_refused(client):
+    """The interleaving, step by step: a sign-in checks the old password; the change commits; the
+    sign-in then starts its session. Neither its access token nor its refresh token may work."""
+    user = register(client)
+    store = client.app.state.quire.store
+    generation = client.portal.call(store.get_login, user["email"])["token_generation"]  # read by the sign-in
+    headers = bearer(sign_in(client, user["email"])["access_token"])
+    assert client.post(PASSWORD_URL, json={"current_password": PASSWORD, "new_password": "a new long password"},
+                       headers=headers).status_code == 204
+    refresh_token, refresh_hash = auth.new_refresh_token()
+    session_id = client.portal.call(functools.partial(store.start_session, user["id"], generation=generation,
+                                                      refresh_hash=refresh_hash, expires_at=int(time.time()) + 60))
+    access_token, _ = auth.make_token(user["id"], signing_key(client), 3600, session_id=session_id,
+                                      generation=generation)
+    assert_unauthorized(client.get(ME, headers=bearer(access_token)))
+    assert_unauthorized(refresh(client, refresh_token))
+
+
 def test_a_wrong_current_password_counts_as_a_failed_sign_in(make_app):
     with TestClient(make_app(login_failures=2)) as client:
         user, headers = signed_in_user(client)
@@ -797,6 +815,19 @@ def test_five_failed_sign_ins_stop_the_email_for_fifteen_minutes_even_with_the_r
     for _ in range(5):
         assert_unauthorized(fail_sign_in(client, "nobody@example.com"))
     assert_problem(fail_sign_in(client, "nobody@example.com"), 429)
+
+
+def test_thirty_wrong_passwords_sent_at_once_get_no_more_than_five_tries(client):
+    """Checking a password takes a while; attempts are counted before it, so a burst sent in
+    parallel cannot slip past the count."""
+    user = register(client)
+    responses = at_once(30, lambda n: fail_sign_in(client, user["email"]))
+    statuses = collections.Counter(response.status_code for response in responses)
+    assert set(statuses) <= {401, 429} and statuses[401] <= 5, statuses  # all 429 is possible: all counted first
+    # Refused attempts were not counted as failures: one at a time, the rest of the five follow.
+    more = [fail_sign_in(client, user["email"]).status_code for _ in range(6)]
+    assert statuses[401] + more.count(401) == 5 and more[-1] == 429, (statuses, more)
+    assert_problem(client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}), 429)
 
 
 def test_a_success_clears_the_count(client):
@@ -3548,6 +3579,15 @@ def test_every_counted_answer_says_where_the_client_stands_and_the_quota_comes_b
         time.sleep(2.1)
         _, (_, params) = ratelimit_fields(client.get(f"{BOOKS}/1"))  # a 404 counts and says so too
         assert params["r"] >= 58, params
+
+
+def test_the_last_allowed_request_says_when_the_next_one_will_be(make_app):
+    with TestClient(make_app(rate_limit=3)) as client:  # a token every 20 s
+        last = [client.get(BOOKS) for _ in range(3)][-1]
+        refused = client.get(BOOKS)
+    _, (_, params) = ratelimit_fields(last)
+    assert last.status_code == 200 and params["r"] == 0
+    assert params["t"] >= int(refused.headers["retry-after"]) - 1 > 0  # not t=0: the next one waits
 
 
 def test_the_sign_in_route_lists_both_policies_and_names_the_closer(make_app):

@@ -497,11 +497,11 @@ class TokenBuckets:
             self.buckets.popitem(last=False)
         return tokens, 0.0 if allowed else (1 - tokens) / self.rate
 
-    def standing(self, name: str, tokens: float, wait: float) -> bytes:
+    def standing(self, name: str, tokens: float) -> bytes:
         """The `RateLimit` item for a client with `tokens` left: `r`, the requests it may still
         make, and `t`, the seconds until its bucket is full again, or, with none left, until the
-        next request is allowed (the 429's Retry-After)."""
-        seconds = wait if tokens < 1 else (self.capacity - tokens) / self.rate
+        next request is allowed (a 429's Retry-After)."""
+        seconds = (1 - tokens) / self.rate if tokens < 1 else (self.capacity - tokens) / self.rate
         return f'"{name}";r={int(tokens)};t={math.ceil(seconds)}'.encode()
 
 
@@ -538,12 +538,12 @@ class RateLimitMiddleware:
         client = scope["client"][0] if scope.get("client") else None
         now = time.monotonic()
         tokens, wait = self.general.take(client, now)
-        standing, policy = self.general.standing("general", tokens, wait), self.general_policy
+        standing, policy = self.general.standing("general", tokens), self.general_policy
         if (scope["method"], path) in self.strict_routes:
             strict_tokens, strict_wait = self.strict.take((path, client), now)
             policy = self.strict_policy
             if strict_tokens <= tokens:  # the strict bucket is the closer to refusing
-                standing = self.strict.standing("auth", strict_tokens, strict_wait)
+                standing = self.strict.standing("auth", strict_tokens)
             wait = max(wait, strict_wait)
         fields = [(b"ratelimit-policy", policy), (b"ratelimit", standing)]
 
