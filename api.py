@@ -46,8 +46,7 @@ import openapi
 import store as storage
 import web
 from web import (FORM, JSON, MERGE_PATCH, HTTPProblem, Kind, Operation, app_path, decode, encoder, etag_matches,
-                 idempotency_key, json_response, make_cursor, next_page, parse_query, path_id, problem_response,
-                 read_cursor, read_json)
+                 idempotency_key, json_response, parse_query, path_id, problem_response, read_cursor, read_json)
 
 # == Configuration ================================================================================
 
@@ -588,9 +587,7 @@ async def list_users(request: Request) -> Response:
     after = read_cursor(key, query, (int,))
     rows = await app.store.list_users(limit=query.limit + 1, descending=query.sort == "-id",
                                       after=after[0] if after else None)
-    items = rows[: query.limit]
-    cursor = make_cursor(key, query, [items[-1]["id"]]) if len(rows) > query.limit else None
-    next_url, headers = next_page(request, query, cursor)
+    items, next_url, headers = web.page(request, key, query, rows, lambda user: [user["id"]])
     return json_response(UserPage(items=msgspec.convert(items, list[User]), next=next_url), headers=headers)
 
 
@@ -702,11 +699,7 @@ async def list_books(request: Request) -> Response:
     after = read_cursor(key, query, (str, int))
     rows = await app.store.list_books(limit=query.limit + 1, sort=query.sort, author=query.author,
                                       q=query.q, after=tuple(after) if after else None)
-    items = rows[: query.limit]
-    cursor = None
-    if len(rows) > query.limit:
-        cursor = make_cursor(key, query, [items[-1]["title"], items[-1]["id"]])
-    next_url, headers = next_page(request, query, cursor)
+    items, next_url, headers = web.page(request, key, query, rows, lambda book: [book["title"], book["id"]])
     return json_response(BookPage(items=msgspec.convert(items, list[Book]), next=next_url), headers=headers)
 
 
@@ -862,9 +855,7 @@ async def list_orders(request: Request) -> Response:
     rows = await app.store.list_orders(
         limit=query.limit + 1, descending=query.sort == "-id", after=after[0] if after else None,
         buyer_id=query.buyer_id if auth.is_admin(user) else user["id"], status=query.status)
-    items = rows[: query.limit]
-    cursor = make_cursor(key, query, [items[-1]["id"]]) if len(rows) > query.limit else None
-    next_url, headers = next_page(request, query, cursor)
+    items, next_url, headers = web.page(request, key, query, rows, lambda order: [order["id"]])
     return json_response(OrderPage(items=msgspec.convert(items, list[Order]), next=next_url), headers=headers)
 
 

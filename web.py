@@ -301,6 +301,15 @@ def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | No
     return after
 
 
+def page(request: Request, key: bytes, query: Struct, rows: list[dict],
+         position: Callable[[dict], list]) -> tuple[list[dict], str | None, dict[str, str]]:
+    """A page from `rows`, which the store read with `limit + 1` to learn whether more follow: its
+    items, the `next` URL (a cursor at `position(last item)`, or None) and the `Link` header."""
+    items = rows[: query.limit]
+    cursor = make_cursor(key, query, position(items[-1])) if len(rows) > query.limit else None
+    return (items, *next_page(request, query, cursor))
+
+
 def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str | None, dict[str, str]]:
     """The `next` URL (same parameters, new cursor) and the matching `Link` header."""
     if cursor is None:
