@@ -368,12 +368,28 @@ async def on_conflict(request: Request, error: storage.Conflict) -> Response:
 # == Helpers for handlers =========================================================================
 
 
+class ShopCounters:
+    """The shop's own numbers on /metrics, beside the requests that web.py counts."""
+
+    def __init__(self, metrics: web.Metrics) -> None:
+        self.orders_placed = metrics.counter("quire_orders_placed", "Orders placed (a replayed retry is not counted).")
+        self.orders_refused = metrics.counter("quire_orders_refused", "Orders refused, by the kind of problem.",
+                                              ("kind",))
+        for kind in (OUT_OF_STOCK, NOT_FOR_SALE):
+            self.orders_refused.labels(kind.name)  # listed at 0 before the first refusal
+        self.sign_in_failures = metrics.counter(
+            "quire_sign_in_failures", "Sign-ins refused for a wrong email or password, wrong current passwords included.")
+
+
 @dataclasses.dataclass
 class Quire:
-    """One app's state: its settings, its store and its key (read from the store when not set)."""
+    """One app's state: its settings, its store, its metrics and its key (read from the store when
+    not set)."""
 
     settings: Settings
     store: storage.Store
+    metrics: web.Metrics
+    counters: ShopCounters
     key: bytes | None = None
 
     async def signing_key(self) -> bytes:
@@ -444,6 +460,7 @@ async def check_password(request: Request, email: str, password: str, wrong: HTT
         raise HTTPProblem(429, f"Too many failed sign-ins for this email; try again in {wait} seconds.",
                           kind=TOO_MANY_FAILED, headers={"Retry-After": str(wait)})
     if not await auth.verify_password(login["password_hash"] if login["id"] else None, password):
+        app.counters.sign_in_failures.inc()
         raise wrong  # the attempt stays counted: it failed
     await app.store.clear_failures(email)  # this attempt, and any failures before it
     return login
@@ -810,19 +827,27 @@ async def place_order(request: Request) -> Response:
     buyer = await signed_in(request)
     key = idempotency_key(request)
     lines = order_lines(decode(body, OrderIn))
-    store = quire(request).store
+    app = quire(request)
+    placed = False  # set when this request, not an earlier one with its key, placed the order
 
     async def place(run: storage.Run) -> Response:
+        nonlocal placed
         try:
-            order = await store.place_order(run, buyer_id=buyer["id"], lines=lines)
+            order = await app.store.place_order(run, buyer_id=buyer["id"], lines=lines)
         except storage.Refused as error:
+            app.counters.orders_refused.labels(error.reason).inc()
             raise refused(error, lines) from None
+        placed = True
         return order_response(order, 201, {"Location": app_path(request, f"/api/v1/orders/{order['id']}")})
 
     if key is None:
-        async with store.transaction() as run:
-            return await place(run)
-    return await idempotent(request, buyer, key, body, place)
+        async with app.store.transaction() as run:
+            response = await place(run)
+    else:
+        response = await idempotent(request, buyer, key, body, place)
+    if placed:  # counted once committed
+        app.counters.orders_placed.inc()
+    return response
 
 
 async def visible_order(request: Request) -> tuple[storage.Row, storage.Row]:
@@ -908,6 +933,13 @@ async def readyz(request: Request) -> Response:
     return json_response(Status(status="ready"))
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, in the text format (or OpenMetrics, if the scraper's Accept asks for it).
+    Served without the database; keep it from the public internet at the proxy."""
+    body, media_type = quire(request).metrics.exposition(request.headers.get("accept", ""))
+    return Response(body, media_type=media_type)
+
+
 # == The operations ===============================================================================
 # One row per operation. The routes, the OpenAPI document and what the middleware knows of paths
 # (private, counted, strict) are all made from this table, so an operation is written down once.
@@ -948,6 +980,8 @@ OPERATIONS = [
               private=True),
     Operation("GET", "/healthz", healthz, "operations", (200, Status), counted=False),
     Operation("GET", "/readyz", readyz, "operations", (200, Status), errors=(503,), counted=False),
+    Operation("GET", "/metrics", metrics, "operations", (200, {"type": "string"}), media_type="text/plain",
+              counted=False),
     Operation("GET", "/problems/{kind}", describe_problem, "problems", (200, ProblemKind), errors=(404,),
               counted=False),
 ]
@@ -999,14 +1033,17 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
     operations = DOCS.operations
     # A private operation's path and everything under it: `/api/v1/users/x` is a 404 about accounts too.
     private = tuple({op.path.split("{")[0]: None for op in operations if op.private})
-    middleware = [Middleware(web.RequestMiddleware, private=private)]
+    routes = web.routes(operations) + DOCS.asset_routes()
+    metrics = web.Metrics()
+    middleware = [Middleware(web.RequestMiddleware, metrics=metrics, routes=routes, private=private)]
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key",
+                           "traceparent"],
             expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After", "Idempotent-Replayed",
-                            "RateLimit", "RateLimit-Policy"],
+                            "RateLimit", "RateLimit-Policy", "traceresponse"],
             max_age=600))
     middleware.append(Middleware(web.GuardMiddleware, max_body=settings.max_body))
     if settings.rate_limit:
@@ -1015,13 +1052,13 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
             strict=[(op.method, op.path) for op in operations if op.strict_limit],
             uncounted=[op.path for op in operations if not op.counted], uncounted_prefixes=("/docs/", "/problems/")))
     app = Starlette(
-        routes=web.routes(operations) + DOCS.asset_routes(),
+        routes=routes,
         middleware=middleware,
         exception_handlers={HTTPProblem: web.on_problem, HTTPException: web.on_http_exception,
                             storage.Unavailable: on_unavailable, storage.Conflict: on_conflict},
         lifespan=lifespan,
     )
-    app.state.quire = Quire(settings, store)
+    app.state.quire = Quire(settings, store, metrics, ShopCounters(metrics))
     return app
 
 

@@ -3,8 +3,9 @@
 web.py turns everything that goes wrong into an RFC 9457 problem (application/problem+json),
 reads requests strictly (media type, body into a msgspec Struct, query string into a Struct, ids
 in the path), signs the cursors of keyset pages, matches ETags, makes Starlette routes from a
-table of `Operation`s, and holds the pure-ASGI middleware every request passes: request ids and
-the log line, the body limit and the 500 guard, and the per-client rate limits.
+table of `Operation`s, and holds the pure-ASGI middleware every request passes: request ids, trace
+context, Prometheus metrics and the log line; the body limit and the 500 guard; the per-client rate
+limits.
 
 What it needs to know about an API comes as data: fields on an `Operation` (`private`,
 `counted`, `strict_limit`, ...) and keyword arguments of the middleware. api.py is its only
@@ -19,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -28,13 +30,20 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
+import prometheus_client
+import prometheus_client.multiprocess
 from msgspec import Struct
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+try:  # optional: only to read the span that OpenTelemetry's SDK made for the request, if it runs
+    from opentelemetry import trace as opentelemetry_trace
+except ImportError:
+    opentelemetry_trace = None
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -394,17 +403,121 @@ def route_path(scope: Scope) -> str:
     return scope["path"][len(scope.get("root_path", "")):]
 
 
+# Metrics and trace context, made in the outermost layer so that they see every request, a 429 or
+# a 413 included. prometheus-client keeps the numbers; OpenTelemetry is optional: quire runs without
+# it, and when its SDK runs the app (`opentelemetry-instrument uvicorn api:app`) quire reports the
+# ids of the server span it made, so that the log line and the exported span agree.
+
+# Seconds. A request here takes about 0.1 to 100 ms: the buckets are finest there.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+UNMATCHED = "<unmatched>"  # the route label of every path no route matches: a scanner adds one label, not thousands
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other is "other"
+
+
+class Metrics:
+    """One app's Prometheus metrics, in a registry of its own: two apps in one process do not
+    collide. With `PROMETHEUS_MULTIPROC_DIR` set (before the process starts), prometheus-client
+    writes every worker's numbers to files there, and a scrape of any worker sums them all."""
+
+    def __init__(self) -> None:
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.registry = prometheus_client.CollectorRegistry()
+        if not self.multiprocess:  # the multiprocess collector cannot sum process metrics
+            prometheus_client.ProcessCollector(registry=self.registry)
+        self.requests = self.counter("http_requests", "Requests answered, by method, route template and status.",
+                                     ("method", "route", "status"))
+        self.latency = prometheus_client.Histogram(
+            "http_request_duration_seconds", "Time from a request's arrival to the end of its answer.",
+            ("method", "route"), buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = prometheus_client.Gauge("http_requests_in_flight", "Requests being answered now.",
+                                                 multiprocess_mode="livesum", registry=self.registry)
+        # Label look-ups cached: `labels()` checks its arguments and takes a lock on every call.
+        self.children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def counter(self, name: str, documentation: str, labels: Iterable[str] = ()) -> prometheus_client.Counter:
+        """A counter of this registry (the exposition adds `_total` to its name)."""
+        return prometheus_client.Counter(name, documentation, labels, registry=self.registry)
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self.children.get(key)
+        if children is None:
+            children = self.children[key] = (self.requests.labels(method, route, str(status)),
+                                             self.latency.labels(method, route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The text a scrape gets, in the format its Accept header asks for, and its media type."""
+        registry = self.registry
+        if self.multiprocess:
+            registry = prometheus_client.CollectorRegistry()
+            prometheus_client.multiprocess.MultiProcessCollector(registry)
+        encode, media_type = prometheus_client.exposition.choose_encoder(accept)
+        return encode(registry), media_type
+
+
+def route_template(scope: Scope, outer_route: Any, routes: Iterable[BaseRoute]) -> str:
+    """The path template of the route that answered (`/api/v1/books/{id:int}`), never the raw path.
+
+    The router leaves it in the scope. A request answered before routing (a 429, a 413) is
+    matched here, as the router would have; `outer_route` is a parent app's Mount, if mounted."""
+    route = scope.get("route")
+    if route is not None and route is not outer_route:
+        return route.path
+    for route in routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            return route.path
+    return UNMATCHED
+
+
+TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+NO_TRACE, NO_PARENT = "0" * 32, "0" * 16
+
+
+def parent_trace(header: str) -> tuple[str, str] | None:
+    """The trace id and flags of a W3C `traceparent` (Trace Context §3.2), or None for a malformed
+    one, which is ignored rather than refused: a broken tracer upstream must not break requests."""
+    match = TRACEPARENT.match(header)
+    if match is None:
+        return None
+    version, trace_id, parent_id, flags = match.groups()
+    if version == "ff" or trace_id == NO_TRACE or parent_id == NO_PARENT:
+        return None
+    # Version 00 is exactly 55 characters; a later version may append fields after a dash.
+    if len(header) != 55 and (version == "00" or header[55] != "-"):
+        return None
+    return trace_id, f"{int(flags, 16) & 1:02x}"  # of the flags, only `sampled` (bit 0) is defined
+
+
+def trace_ids(scope: Scope) -> tuple[str, str, str]:
+    """(trace id, span id, flags) of this request: the OpenTelemetry server span's when one is
+    active, else the caller's trace (a valid `traceparent`) or a new one, with a span id of its own."""
+    if opentelemetry_trace is not None:
+        span = opentelemetry_trace.get_current_span().get_span_context()
+        if span.is_valid:
+            return f"{span.trace_id:032x}", f"{span.span_id:016x}", f"{span.trace_flags:02x}"
+    headers = [value for name, value in scope["headers"] if name == b"traceparent"]
+    parent = parent_trace(headers[0].decode("latin-1")) if len(headers) == 1 else None
+    fresh = secrets.token_hex(24)
+    if parent is None:  # a new trace, not recorded by any tracer: not sampled
+        return fresh[16:], fresh[:16], "00"
+    return parent[0], fresh[:16], parent[1]
+
+
 class RequestMiddleware:
     """The outermost layer of every request.
 
-    Gives it an id (X-Request-ID), adds the headers every response carries, and writes one JSON
+    Gives it an id (X-Request-ID) and its trace context (W3C `traceparent` in, `traceresponse`
+    out), adds the headers every response carries, counts it in the metrics and writes one JSON
     log line. Paths and statuses are logged; headers and bodies, where passwords and tokens
     travel, never are. Answers for paths under the `private` prefixes are marked
     `Cache-Control: no-store`, whatever their status (a 404 or 413 included).
     """
 
-    def __init__(self, app: ASGIApp, *, private: tuple[str, ...] = ()) -> None:
-        self.app, self.private = app, private
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Iterable[BaseRoute],
+                 private: tuple[str, ...] = ()) -> None:
+        self.app, self.metrics, self.routes, self.private = app, metrics, list(routes), private
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -416,26 +529,35 @@ class RequestMiddleware:
                 request_id = value.decode("latin-1")
         if not REQUEST_ID.fullmatch(request_id):
             request_id = secrets.token_hex(16)
-        scope.setdefault("state", {})["request_id"] = request_id
+        trace_id, span_id, flags = trace_ids(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"], state["trace_id"] = request_id, trace_id
         private = route_path(scope).startswith(self.private) if self.private else False
+        outer_route = scope.get("route")
         status = 500  # what the log says if an exception escapes before a response starts
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                # Appended, not set: no handler sends these two, and set would search the list.
+                # Appended, not set: no handler sends these, and set would search the list.
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode()),
+                                      (b"traceresponse", f"00-{trace_id}-{span_id}-{flags}".encode()),
                                       (b"x-content-type-options", b"nosniff")]
                 if private:
                     MutableHeaders(scope=message)["Cache-Control"] = "no-store"
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            log_json(request_id=request_id, method=scope["method"], path=scope["path"], status=status,
-                     duration_ms=round((time.perf_counter() - started) * 1000, 3))
+            self.metrics.in_flight.dec()
+            seconds = time.perf_counter() - started
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.record(method, route_template(scope, outer_route, self.routes), status, seconds)
+            log_json(request_id=request_id, trace_id=trace_id, span_id=span_id, method=scope["method"],
+                     path=scope["path"], status=status, duration_ms=round(seconds * 1000, 3))
 
 
 class GuardMiddleware:
@@ -474,7 +596,7 @@ class GuardMiddleware:
             await self.app(scope, receive_limited, send_tracked)
         except Exception:
             request_id = scope["state"].get("request_id")
-            log_json(request_id=request_id, error=traceback.format_exc())
+            log_json(request_id=request_id, trace_id=scope["state"].get("trace_id"), error=traceback.format_exc())
             if started:  # the response has begun: all that is left is to drop the connection
                 raise
             response = problem_response(scope, 500, "Something went wrong on our side; the request id says where.",
