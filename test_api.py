@@ -45,10 +45,18 @@ import http_sfv
 import httpx2
 import jsonschema
 import jwt
+import prometheus_client
+import prometheus_client.multiprocess
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from openapi_spec_validator import validate as validate_openapi
+from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Match, Mount, Route
 from starlette.testclient import TestClient
@@ -3957,17 +3965,19 @@ class Server:
 
 
 @contextlib.contextmanager
-def uvicorn_server(tmp_path: Path, database_url: str, *options: str) -> Iterator[Server]:
-    """`python -m uvicorn api:app` in a process group of its own, killed with its workers afterwards."""
+def uvicorn_server(tmp_path: Path, database_url: str, *options: str, environment: dict[str, str] | None = None,
+                   launcher: list[str] = (), stdout: Path | None = None) -> Iterator[Server]:
+    """`python -m uvicorn api:app` (after `launcher`, if given) in a process group of its own,
+    killed with its workers afterwards."""
     port = free_port()
     environ = {name: value for name, value in os.environ.items()
-               if not name.startswith("QUIRE_") and name != "DATABASE_URL"}
-    environ.update(DATABASE_URL=database_url, QUIRE_RATE_LIMIT="0")
+               if not name.startswith(("QUIRE_", "OTEL_", "PROMETHEUS_")) and name != "DATABASE_URL"}
+    environ.update(DATABASE_URL=database_url, QUIRE_RATE_LIMIT="0", **(environment or {}))
     stderr = tmp_path / f"uvicorn-{port}.log"
-    with open(stderr, "wb") as errors:
+    with open(stderr, "wb") as errors, open(stdout or os.devnull, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(port), *options],
-            cwd=HERE, env=environ, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+            [*launcher, sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(port),
+             *options], cwd=HERE, env=environ, stdout=output, stderr=errors, start_new_session=True)
     try:
         yield Server(process, f"http://127.0.0.1:{port}", port, stderr)
     finally:
@@ -4069,6 +4079,345 @@ def test_a_request_in_flight_at_sigterm_is_finished_before_the_server_exits(tmp_
     # "terminated by SIGTERM", not 0 (a crash would be 1, a forced one SIGKILL).
     assert returncode in (0, -signal.SIGTERM), (returncode, server.log())
     assert "Traceback" not in server.log() and "ERROR" not in server.log(), server.log()
+
+
+# == Metrics ======================================================================================
+# /metrics is read as Prometheus reads it: prometheus-client's own parser turns the text into samples.
+
+BOOK_ROUTE = "/api/v1/books/{id:int}"
+
+
+def scrape(client) -> dict[tuple[str, tuple], float]:
+    """Every sample of a GET /metrics, by (name, sorted labels)."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def series(samples: dict, name: str) -> list[dict[str, str]]:
+    return [dict(labels) for sample_name, labels in samples if sample_name == name]
+
+
+@contextlib.contextmanager
+def logged_lines() -> Iterator[list[dict]]:
+    """The JSON lines the `quire` logger writes meanwhile."""
+    records = Records()
+    logging.getLogger("quire").addHandler(records)
+    try:
+        yield records.lines
+    finally:
+        logging.getLogger("quire").removeHandler(records)
+
+
+def test_requests_are_counted_exactly_by_method_route_template_and_status(client):
+    _, headers = signed_in_user(client)
+    book, _ = new_book(client, headers)
+    for _ in range(3):
+        assert client.get(f"{BOOKS}/{book['id']}").status_code == 200
+    assert client.get(f"{BOOKS}/999999").status_code == 404
+    assert client.patch(f"{BOOKS}/{book['id']}", json={"title": "T"}, headers=headers).status_code == 200
+    samples = scrape(client)
+    assert value(samples, "http_requests_total", method="GET", route=BOOK_ROUTE, status="200") == 3
+    assert value(samples, "http_requests_total", method="GET", route=BOOK_ROUTE, status="404") == 1
+    assert value(samples, "http_requests_total", method="PATCH", route=BOOK_ROUTE, status="200") == 1
+    assert value(samples, "http_requests_total", method="POST", route=BOOKS, status="201") == 1
+    assert value(samples, "http_requests_total", method="POST", route=TOKEN, status="200") == 1
+    assert value(samples, "http_requests_total", method="GET", route="/metrics", status="200") is None  # not yet
+    assert scrape(client)[("http_requests_total", (("method", "GET"), ("route", "/metrics"), ("status", "200")))] == 1
+
+
+def test_a_hundred_ids_and_fifty_unknown_paths_leave_a_small_label_set(client):
+    for book_id in range(1, 101):
+        assert client.get(f"{BOOKS}/{book_id}").status_code == 404
+    for _ in range(50):
+        assert client.get(f"/scan/{uuid.uuid4().hex}/admin.php").status_code == 404
+    assert client.request("BREW", BOOKS).status_code == 405  # a made-up method is "other"
+    samples = scrape(client)
+    labels = series(samples, "http_requests_total")
+    assert sorted(labels, key=lambda label: label["route"]) == [
+        {"method": "other", "route": BOOKS, "status": "405"},
+        {"method": "GET", "route": BOOK_ROUTE, "status": "404"},
+        {"method": "GET", "route": "<unmatched>", "status": "404"}]
+    assert value(samples, "http_requests_total", method="GET", route=BOOK_ROUTE, status="404") == 100
+    assert value(samples, "http_requests_total", method="GET", route="<unmatched>", status="404") == 50
+    text = client.get("/metrics").text
+    assert "/scan/" not in text and "/api/v1/books/7" not in text and "BREW" not in text
+
+
+def test_the_latency_histogram_has_buckets_for_a_fast_api_and_counts_each_request(client, monkeypatch):
+    for _ in range(4):
+        client.get(f"{BOOKS}/1")
+    get_book = client.app.state.quire.store.get_book
+
+    async def slow_get_book(*args, **kwargs):
+        await asyncio.sleep(0.03)
+        return await get_book(*args, **kwargs)
+
+    monkeypatch.setattr(client.app.state.quire.store, "get_book", slow_get_book)
+    client.get(f"{BOOKS}/1")
+    samples = scrape(client)
+    route = {"method": "GET", "route": BOOK_ROUTE}
+    buckets = {labels["le"]: value(samples, "http_request_duration_seconds_bucket", **labels)
+               for labels in series(samples, "http_request_duration_seconds_bucket") if labels["route"] == BOOK_ROUTE}
+    assert list(buckets) == ["0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05",
+                             "0.1", "0.25", "0.5", "1.0", "+Inf"]
+    counts = list(buckets.values())
+    assert counts == sorted(counts), "buckets are cumulative"
+    assert buckets["+Inf"] == value(samples, "http_request_duration_seconds_count", **route) == 5
+    assert buckets["0.025"] <= 4 and buckets["0.25"] == 5  # the slow one is over 25 ms
+    assert 0.03 < value(samples, "http_request_duration_seconds_sum", **route) < 5 * 0.25
+
+
+def test_the_in_flight_gauge_counts_requests_being_answered_and_returns_to_zero(client, monkeypatch):
+    release = threading.Event()
+    get_book = client.app.state.quire.store.get_book
+
+    async def held_get_book(*args, **kwargs):
+        while not release.is_set():
+            await asyncio.sleep(0.005)
+        return await get_book(*args, **kwargs)
+
+    monkeypatch.setattr(client.app.state.quire.store, "get_book", held_get_book)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(client.get, f"{BOOKS}/1") for _ in range(3)]
+        assert poll(lambda: value(scrape(client), "http_requests_in_flight") == 4)  # three held and the scrape
+        release.set()
+        assert [future.result().status_code for future in held] == [404] * 3
+    assert value(scrape(client), "http_requests_in_flight") == 1  # the scrape alone
+
+
+def test_the_shops_counters_move_when_an_order_is_placed_or_refused_and_a_sign_in_fails(client):
+    _, headers = signed_in_user(client)
+    zero = scrape(client)
+    assert value(zero, "quire_orders_placed_total") == 0
+    assert value(zero, "quire_orders_refused_total", kind="out-of-stock") == 0
+    assert value(zero, "quire_orders_refused_total", kind="not-for-sale") == 0
+    assert value(zero, "quire_sign_in_failures_total") == 0
+    book = for_sale(client, headers, stock=2)
+    unpriced, _ = new_book(client, headers)
+    assert place(client, headers, (book["id"], 1), key="k-1").status_code == 201
+    assert place(client, headers, (book["id"], 1), key="k-1").headers["idempotent-replayed"] == "true"
+    assert place(client, headers, (book["id"], 1)).status_code == 201
+    assert place(client, headers, (book["id"], 1)).status_code == 409  # none left
+    assert place(client, headers, (unpriced["id"], 1)).status_code == 409
+    assert place(client, headers, (unpriced["id"], 1)).status_code == 409
+    email = client.get(ME, headers=headers).json()["email"]
+    assert fail_sign_in(client, email).status_code == 401
+    assert fail_sign_in(client, "nobody@example.com").status_code == 401
+    wrong = {"current_password": "wrong password", "new_password": "a new long password"}
+    assert client.post(PASSWORD_URL, json=wrong, headers=headers).status_code == 403
+    samples = scrape(client)
+    assert value(samples, "quire_orders_placed_total") == 2  # the replay placed nothing
+    assert value(samples, "quire_orders_refused_total", kind="out-of-stock") == 1
+    assert value(samples, "quire_orders_refused_total", kind="not-for-sale") == 2
+    assert value(samples, "quire_sign_in_failures_total") == 3
+
+
+def test_answers_given_before_routing_are_counted_under_their_route(make_app):
+    with TestClient(make_app(rate_limit=2, max_body=100)) as client:
+        statuses = [client.get(f"{BOOKS}/1").status_code for _ in range(3)]
+        assert statuses == [404, 404, 429]
+        too_large = client.post(BOOKS, content=b"{" + b" " * 200 + b"}", headers={"Content-Type": "application/json"})
+        assert too_large.status_code == 413  # refused on its Content-Length, before the rate limit or the router
+        samples = scrape(client)
+    assert value(samples, "http_requests_total", method="GET", route=BOOK_ROUTE, status="429") == 1
+    assert value(samples, "http_requests_total", method="POST", route=BOOKS, status="413") == 1
+    assert series(samples, "http_requests_total") and all(
+        labels["route"] != "<unmatched>" for labels in series(samples, "http_requests_total"))
+
+
+def test_metrics_are_not_rate_limited_and_are_served_with_the_database_down(make_app):
+    with TestClient(make_app(rate_limit=1, database_url="postgresql://postgres@127.0.0.1:1/nope")) as client:
+        for _ in range(10):
+            response = client.get("/metrics")
+            assert response.status_code == 200 and "ratelimit" not in response.headers
+        assert_problem(client.get("/readyz"), 503)
+        assert_problem(client.get(BOOKS), 503)  # the one request the limit allows: the scrapes spent none
+        assert_problem(client.get(BOOKS), 429)
+        samples = scrape(client)
+    assert value(samples, "http_requests_total", method="GET", route="/readyz", status="503") == 1
+    assert value(samples, "http_requests_total", method="GET", route="/metrics", status="200") == 10
+
+
+def test_two_apps_in_one_process_count_only_their_own_requests(tmp_path):
+    first = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{tmp_path / 'a.db'}")
+    second = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{tmp_path / 'b.db'}")
+    with TestClient(first) as one, TestClient(second) as other:
+        for _ in range(3):
+            one.get(BOOKS)
+        other.get(BOOKS)
+        assert value(scrape(one), "http_requests_total", method="GET", route=BOOKS, status="200") == 3
+        assert value(scrape(other), "http_requests_total", method="GET", route=BOOKS, status="200") == 1
+
+
+def counts_by_file(directory: Path, route: str) -> dict[str, float]:
+    """Each worker's count of 200s on `route`, read from its own counter file in the multiprocess directory."""
+    counts = {}
+    for path in directory.glob("counter_*.db"):
+        alone = directory.parent / f"alone-{path.stem}"
+        alone.mkdir(exist_ok=True)
+        shutil.copy(path, alone / path.name)
+        registry = prometheus_client.CollectorRegistry()
+        prometheus_client.multiprocess.MultiProcessCollector(registry, path=str(alone))
+        counts[path.stem] = registry.get_sample_value(
+            "http_requests_total", {"method": "GET", "route": route, "status": "200"}) or 0
+        shutil.rmtree(alone)
+    return counts
+
+
+def test_two_workers_with_a_multiprocess_directory_are_summed_on_metrics(tmp_path, database_url):
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    with uvicorn_server(tmp_path, database_url, "--workers", "2",
+                        environment={"PROMETHEUS_MULTIPROC_DIR": str(directory)}) as server:
+        server.wait_ready()
+        made = 0
+        with httpx2.Client(base_url=server.url, timeout=10, headers={"Connection": "close"}) as http:
+            # Sixteen new connections at a time, until each worker has answered some.
+            while made < 800 and (made < 48 or len([n for n in counts_by_file(directory, "/healthz").values() if n]) < 2):
+                assert at_once(16, lambda _: http.get("/healthz").status_code) == [200] * 16
+                made += 16
+            per_worker = counts_by_file(directory, "/healthz")
+            assert len(per_worker) == 2 and all(per_worker.values()), per_worker
+            assert sum(per_worker.values()) == made
+            for _ in range(10):  # whichever worker answers the scrape, it reports both
+                response = http.get("/metrics")
+                samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                           for family in text_string_to_metric_families(response.text) for s in family.samples}
+                assert value(samples, "http_requests_total", method="GET", route="/healthz", status="200") == made
+                assert value(samples, "http_requests_in_flight") == 1
+
+
+# == Trace context ================================================================================
+# W3C Trace Context: `traceparent` in, `traceresponse` out (Level 2), the trace id in the log line.
+
+TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+TRACERESPONSE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-(0[0-3])")
+
+
+def traced(response) -> tuple[str, str, str]:
+    match = TRACERESPONSE.fullmatch(response.headers["traceresponse"])
+    assert match, response.headers["traceresponse"]
+    return match.groups()
+
+
+def test_a_traceparent_continues_its_trace_in_the_log_and_the_traceresponse(client):
+    with logged_lines() as lines:
+        response = client.get(BOOKS, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    assert response.status_code == 200
+    trace_id, span_id, flags = traced(response)
+    assert (trace_id, flags) == (TRACE_ID, "01") and span_id not in (PARENT_ID, "0" * 16)
+    [line] = [line for line in lines if line.get("path") == BOOKS]
+    assert (line["trace_id"], line["span_id"]) == (TRACE_ID, span_id)
+    unsampled = client.get(BOOKS, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})
+    assert traced(unsampled)[0::2] == (TRACE_ID, "00")
+    later = client.get(BOOKS, headers={"traceparent": f"cc-{TRACE_ID}-{PARENT_ID}-01-a-future-field"})
+    assert traced(later)[0] == TRACE_ID  # a later version is read as far as version 00 goes
+
+
+def test_without_a_traceparent_each_request_starts_a_trace_of_its_own(client):
+    with logged_lines() as lines:
+        responses = [client.get(BOOKS) for _ in range(3)]
+    ids = [traced(response) for response in responses]
+    # Not sampled (no tracer records it); the trace id is random (Level 2's flag 02).
+    assert len({trace_id for trace_id, _, _ in ids}) == 3 and all(flags == "02" for _, _, flags in ids)
+    assert [line["trace_id"] for line in lines if line.get("path") == BOOKS] == [trace_id for trace_id, _, _ in ids]
+
+
+@pytest.mark.parametrize("traceparent", [
+    f"00-{TRACE_ID}-{PARENT_ID}",  # no flags
+    f"00-{TRACE_ID}-{PARENT_ID}-01-extra",  # version 00 has nothing after the flags
+    f"00-{TRACE_ID.upper()}-{PARENT_ID}-01",  # upper case
+    f"ff-{TRACE_ID}-{PARENT_ID}-01",  # the forbidden version
+    f"00-{'0' * 32}-{PARENT_ID}-01",  # an all-zero trace id
+    f"00-{TRACE_ID}-{'0' * 16}-01",  # an all-zero parent id
+    f"00-{TRACE_ID}-{PARENT_ID}-0g",
+    f"cc-{TRACE_ID}-{PARENT_ID}-01x",  # a later version, but no dash after the flags
+    f" 00-{TRACE_ID}-{PARENT_ID}-01",
+    "", "garbage", "00-" + "é" * 40])
+def test_a_malformed_traceparent_is_ignored_never_an_error_never_echoed(client, traceparent):
+    response = client.get(BOOKS, headers=[("traceparent", traceparent.encode())])
+    assert response.status_code == 200
+    trace_id, _, flags = traced(response)
+    assert trace_id != TRACE_ID.lower() and flags == "02"
+
+
+def test_two_traceparent_headers_are_ignored(client):
+    response = client.get(BOOKS, headers=[("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),
+                                          ("traceparent", f"00-{'1' * 32}-{PARENT_ID}-01")])
+    assert response.status_code == 200 and traced(response)[0] not in (TRACE_ID, "1" * 32)
+
+
+def test_a_cross_origin_client_may_send_traceparent_and_read_traceresponse(make_app):
+    with TestClient(make_app(cors_origins="https://shop.example")) as client:
+        preflight = client.options(BOOKS, headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "GET",
+                                                   "Access-Control-Request-Headers": "traceparent"})
+        assert preflight.status_code == 200 and "traceparent" in header_items(preflight, "access-control-allow-headers")
+        response = client.get(BOOKS, headers={"Origin": "https://shop.example"})
+        assert "traceresponse" in header_items(response, "access-control-expose-headers")
+
+
+def test_under_the_opentelemetry_sdk_each_request_is_a_server_span_named_by_its_route_with_quires_ids(make_app):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = make_app()
+    StarletteInstrumentor.instrument_app(app, tracer_provider=provider)
+    with TestClient(app) as client, logged_lines() as lines:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers)
+        exporter.clear()
+        lines.clear()
+        responses = [client.get(f"{BOOKS}/{book['id']}", headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}),
+                     client.get(f"{BOOKS}/{book['id']}"), client.get("/no/such/path")]
+    servers = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.SERVER]
+    assert [span.name for span in servers] == [f"GET {BOOK_ROUTE}", f"GET {BOOK_ROUTE}", "GET"]
+    logged = [line for line in lines if "status" in line]
+    for span, response, line in zip(servers, responses, logged, strict=True):
+        trace_id, span_id, flags = traced(response)
+        assert (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") == (trace_id, span_id)
+        assert (line["trace_id"], line["span_id"]) == (trace_id, span_id)
+        assert int(flags, 16) & 1  # the SDK sampled it
+    assert f"{servers[0].context.trace_id:032x}" == TRACE_ID
+    assert f"{servers[0].parent.span_id:016x}" == PARENT_ID
+    assert f"{servers[1].context.trace_id:032x}" != TRACE_ID
+
+
+def exported_spans(text: str) -> list[dict]:
+    """The spans the console exporter printed: one indented JSON object per span."""
+    return [json.loads(block) for block in re.findall(r"^\{\n.*?^\}$", text, re.M | re.S)]
+
+
+def test_opentelemetry_instrument_traces_quire_with_no_code_change(tmp_path, database_url):
+    command = str(Path(sys.executable).with_name("opentelemetry-instrument"))
+    stdout = tmp_path / "spans.txt"
+    environment = {"OTEL_SERVICE_NAME": "quire", "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "none",
+                   "OTEL_LOGS_EXPORTER": "none", "OTEL_BSP_SCHEDULE_DELAY": "100"}  # export spans every 0.1 s
+    with uvicorn_server(tmp_path, database_url, "--no-access-log", environment=environment, launcher=[command],
+                        stdout=stdout) as server:
+        server.wait_ready()
+        response = httpx2.get(f"{server.url}{BOOKS}/7", headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+        assert response.status_code == 404
+
+        def server_spans() -> list[dict]:
+            return [span for span in exported_spans(stdout.read_text()) if span["kind"] == "SpanKind.SERVER"
+                    and span["attributes"].get("http.target", span["attributes"].get("url.path")) == f"{BOOKS}/7"]
+
+        assert poll(server_spans), stdout.read_text()
+        log = server.log()
+    trace_id, span_id, _ = traced(response)
+    [span] = server_spans()
+    assert span["name"] == f"GET {BOOK_ROUTE}"  # named by its route template, like quire's metrics
+    assert span["context"]["trace_id"] == f"0x{TRACE_ID}" == f"0x{trace_id}"
+    assert span["context"]["span_id"] == f"0x{span_id}" and span["parent_id"] == f"0x{PARENT_ID}"
+    [line] = [json.loads(line) for line in log.splitlines() if line.startswith("{") and f"{BOOKS}/7" in line]
+    assert (line["trace_id"], line["span_id"]) == (TRACE_ID, span_id)
 
 
 # == Embedding ====================================================================================

@@ -422,8 +422,7 @@ class Metrics:
     def __init__(self) -> None:
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = prometheus_client.CollectorRegistry()
-        if not self.multiprocess:  # the multiprocess collector cannot sum process metrics
-            prometheus_client.ProcessCollector(registry=self.registry)
+        self.process_metrics = False  # added at the first scrape: the collector reads /proc when made
         self.requests = self.counter("http_requests", "Requests answered, by method, route template and status.",
                                      ("method", "route", "status"))
         self.latency = prometheus_client.Histogram(
@@ -450,6 +449,9 @@ class Metrics:
     def exposition(self, accept: str) -> tuple[bytes, str]:
         """The text a scrape gets, in the format its Accept header asks for, and its media type."""
         registry = self.registry
+        if not self.multiprocess and not self.process_metrics:  # workers' CPU and memory cannot be summed
+            prometheus_client.ProcessCollector(registry=registry)
+            self.process_metrics = True
         if self.multiprocess:
             registry = prometheus_client.CollectorRegistry()
             prometheus_client.multiprocess.MultiProcessCollector(registry)
@@ -487,7 +489,7 @@ def parent_trace(header: str) -> tuple[str, str] | None:
     # Version 00 is exactly 55 characters; a later version may append fields after a dash.
     if len(header) != 55 and (version == "00" or header[55] != "-"):
         return None
-    return trace_id, f"{int(flags, 16) & 1:02x}"  # of the flags, only `sampled` (bit 0) is defined
+    return trace_id, f"{int(flags, 16) & 3:02x}"  # the flags defined so far: sampled (1), random trace id (2)
 
 
 def trace_ids(scope: Scope) -> tuple[str, str, str]:
@@ -500,8 +502,8 @@ def trace_ids(scope: Scope) -> tuple[str, str, str]:
     headers = [value for name, value in scope["headers"] if name == b"traceparent"]
     parent = parent_trace(headers[0].decode("latin-1")) if len(headers) == 1 else None
     fresh = secrets.token_hex(24)
-    if parent is None:  # a new trace, not recorded by any tracer: not sampled
-        return fresh[16:], fresh[:16], "00"
+    if parent is None:  # a new trace, not recorded by any tracer: not sampled, its id random
+        return fresh[16:], fresh[:16], "02"
     return parent[0], fresh[:16], parent[1]
 
 
