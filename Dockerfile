@@ -31,6 +31,10 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 
+# Two workers, and /metrics sums them: prometheus-client's multiprocess mode keeps each worker's
+# numbers in files here. Emptied at each start, or an earlier run's files would add to the counts.
+ENV PROMETHEUS_MULTIPROC_DIR=/tmp/quire-metrics
+
 # The README's deployment flags. Behind a proxy, add --proxy-headers --forwarded-allow-ips <its address>.
-CMD ["uvicorn", "api:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", \
-     "--timeout-graceful-shutdown", "20", "--no-access-log"]
+# `exec`: uvicorn replaces the shell, so it gets the SIGTERM of `docker stop` itself.
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn api:app --host 0.0.0.0 --port 8000 --workers 2 --timeout-graceful-shutdown 20 --no-access-log"]

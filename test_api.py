@@ -4420,6 +4420,41 @@ def test_opentelemetry_instrument_traces_quire_with_no_code_change(tmp_path, dat
     assert (line["trace_id"], line["span_id"]) == (TRACE_ID, span_id)
 
 
+def test_the_containers_command_empties_the_metrics_directory_and_serves_two_summed_workers(tmp_path):
+    """The image cannot be built here (no registry), so its CMD and HEALTHCHECK run on this machine."""
+    dockerfile = Path(HERE, "Dockerfile").read_text()
+    command = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
+    healthcheck = json.loads(re.search(r"^    CMD (\[.*\])$", dockerfile, re.M).group(1))
+    directory = Path(re.search(r"^ENV PROMETHEUS_MULTIPROC_DIR=(\S+)$", dockerfile, re.M).group(1))
+    port = str(free_port())
+    stale = tmp_path / "metrics"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"an earlier run's numbers")
+    assert command[:2] == ["sh", "-c"] and "--port 8000" in command[2] and str(directory).startswith("/tmp/")
+    environ = {**{name: value for name, value in os.environ.items() if not name.startswith(("QUIRE_", "OTEL_"))},
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PROMETHEUS_MULTIPROC_DIR": str(stale),
+               "DATABASE_URL": f"sqlite:///{tmp_path / 'quire.db'}"}
+    process = subprocess.Popen([*command[:2], command[2].replace("--port 8000", f"--port {port}")], cwd=HERE,
+                               env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert poll(lambda: not refuses_connections(int(port)), timeout=30)
+        check = [healthcheck[0] if healthcheck[0] != "python" else sys.executable, *healthcheck[1:]]
+        check[-1] = check[-1].replace(":8000/", f":{port}/")
+        assert poll(lambda: subprocess.run(check, timeout=10).returncode == 0, timeout=30)
+        assert not (stale / "counter_1.db").exists()
+        with httpx2.Client(base_url=url, timeout=10, headers={"Connection": "close"}) as http:
+            assert all(status == 200 for status in at_once(16, lambda _: http.get("/healthz").status_code))
+            assert poll(lambda: len(list(stale.glob("counter_*.db"))) == 2)  # one file per worker
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(http.get("/metrics").text) for s in family.samples}
+            assert value(samples, "http_requests_total", method="GET", route="/healthz", status="200") >= 16
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 # == Embedding ====================================================================================
 
 

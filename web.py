@@ -21,6 +21,7 @@ import hmac
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import time
@@ -473,38 +474,39 @@ def route_template(scope: Scope, outer_route: Any, routes: Iterable[BaseRoute]) 
     return UNMATCHED
 
 
-TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-NO_TRACE, NO_PARENT = "0" * 32, "0" * 16
+# Version 00 is exactly 55 characters; a later version may append fields after a dash.
+TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
+NO_TRACE, NO_PARENT = b"0" * 32, b"0" * 16
+# The flags quire passes on, by their hex in the header: those defined so far, sampled (1) and random id (2).
+FLAGS = {f"{flags:02x}".encode(): f"{flags & 3:02x}" for flags in range(256)}
 
 
-def parent_trace(header: str) -> tuple[str, str] | None:
+def parent_trace(header: bytes) -> tuple[str, str] | None:
     """The trace id and flags of a W3C `traceparent` (Trace Context §3.2), or None for a malformed
     one, which is ignored rather than refused: a broken tracer upstream must not break requests."""
-    match = TRACEPARENT.match(header)
+    match = TRACEPARENT.fullmatch(header)
     if match is None:
         return None
-    version, trace_id, parent_id, flags = match.groups()
-    if version == "ff" or trace_id == NO_TRACE or parent_id == NO_PARENT:
+    version, trace_id, parent_id, flags, more = match.groups()
+    if version == b"ff" or (version == b"00" and more) or trace_id == NO_TRACE or parent_id == NO_PARENT:
         return None
-    # Version 00 is exactly 55 characters; a later version may append fields after a dash.
-    if len(header) != 55 and (version == "00" or header[55] != "-"):
-        return None
-    return trace_id, f"{int(flags, 16) & 3:02x}"  # the flags defined so far: sampled (1), random trace id (2)
+    return trace_id.decode(), FLAGS[flags]
 
 
-def trace_ids(scope: Scope) -> tuple[str, str, str]:
+def trace_ids(traceparent: bytes | None) -> tuple[str, str, str]:
     """(trace id, span id, flags) of this request: the OpenTelemetry server span's when one is
-    active, else the caller's trace (a valid `traceparent`) or a new one, with a span id of its own."""
+    active, else the caller's trace (a valid `traceparent`) or a new one, with a span id of its own.
+
+    The ids are pseudo-random, as OpenTelemetry's SDK makes them: unique, not secret."""
     if opentelemetry_trace is not None:
         span = opentelemetry_trace.get_current_span().get_span_context()
         if span.is_valid:
             return f"{span.trace_id:032x}", f"{span.span_id:016x}", f"{span.trace_flags:02x}"
-    headers = [value for name, value in scope["headers"] if name == b"traceparent"]
-    parent = parent_trace(headers[0].decode("latin-1")) if len(headers) == 1 else None
-    fresh = secrets.token_hex(24)
+    parent = parent_trace(traceparent) if traceparent else None
+    span_id = f"{random.getrandbits(64) or 1:016x}"  # never all zeros, which means "no span"
     if parent is None:  # a new trace, not recorded by any tracer: not sampled, its id random
-        return fresh[16:], fresh[:16], "02"
-    return parent[0], fresh[:16], parent[1]
+        return f"{random.getrandbits(128) or 1:032x}", span_id, "02"
+    return parent[0], span_id, parent[1]
 
 
 class RequestMiddleware:
@@ -525,13 +527,15 @@ class RequestMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        request_id = ""
+        request_id, traceparent = "", None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
+            elif name == b"traceparent":
+                traceparent = value if traceparent is None else b""  # two of them: neither counts
         if not REQUEST_ID.fullmatch(request_id):
             request_id = secrets.token_hex(16)
-        trace_id, span_id, flags = trace_ids(scope)
+        trace_id, span_id, flags = trace_ids(traceparent)
         state = scope.setdefault("state", {})
         state["request_id"], state["trace_id"] = request_id, trace_id
         private = route_path(scope).startswith(self.private) if self.private else False
