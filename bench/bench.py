@@ -33,11 +33,16 @@ import psycopg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
-QUIRE_FILES = ["api.py", "store.py", "auth.py", "requirements.txt"]  # what quire runs from the project
+QUIRE_FILES = ["api.py", "web.py", "openapi.py", "commands.py", "store.py", "auth.py",
+               "requirements.txt"]  # what quire runs from the project
 WORK = "/tmp/quire-bench-repo"
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # trust auth; throwaway databases quire_bench_<app>
-N_BOOKS, DEEP = 10_000, 9_000  # the deep page is the 20 books after the first DEEP
-ENDPOINTS = ["get", "list", "deep", "post"]  # post last, so that the GETs see the seeded books only
+N_BOOKS = 10_000  # --books changes it; the deep page is the 20 books after the first nine tenths
+STOCK = 1_000_000  # every book's stock: no run orders a book more than a few times
+# A word in exactly five of the books, whatever their number: `search` asks for five of its letters.
+RARE, SEARCH, MATCHES = "Quokka", "uokka", 5
+ENDPOINTS = ["get", "list", "deep", "search", "post", "order"]  # the writes last: the GETs see the seeded books only
+READS = ["get", "list", "deep", "search"]  # what --books measures: the reads whose cost might grow with the catalogue
 WRK = ["wrk", "-t1", "-c32", "--timeout", "10s", "--latency"]
 SERVER = ["uvicorn", "uvloop", "httptools"]  # uvicorn picks uvloop and httptools when they are installed
 PEER_BIN = os.path.dirname(sys.executable)  # the peers' venv runs this harness
@@ -74,12 +79,16 @@ def isbn13(n):
     return digits + str(-sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10)
 
 
-def make_books(n=N_BOOKS):
+def make_books(n):
     rnd = random.Random(42)  # fixed seed: the same books for every app, every run
-    return [{"title": "The " + " ".join(rnd.choice(WORDS).capitalize() for _ in range(rnd.randint(1, 4))),
-             "author": f"{rnd.choice(FIRST)} {rnd.choice(LAST)}",
-             "year": rnd.randint(1900, 2025), "pages": rnd.randint(40, 1200), "isbn": isbn13(i)}
-            for i in range(1, n + 1)]
+    books = [{"title": "The " + " ".join(rnd.choice(WORDS).capitalize() for _ in range(rnd.randint(1, 4))),
+              "author": f"{rnd.choice(FIRST)} {rnd.choice(LAST)}",
+              "year": rnd.randint(1900, 2025), "pages": rnd.randint(40, 1200), "isbn": isbn13(i),
+              "price_cents": rnd.randint(100, 9_999), "stock": STOCK}
+             for i in range(1, n + 1)]
+    for i in range(0, n, n // MATCHES):
+        books[i]["title"] = f"The {RARE} {books[i]['title'].removeprefix('The ')}"
+    return books
 
 
 # == Databases ====================================================================================
@@ -102,19 +111,29 @@ def fresh_database(app, kind):
 def write_peer_books(url, books):
     """The peers' table, with the books as ids 1..n owned by user 1 (the peers keep no user table)."""
     columns = ("{id} PRIMARY KEY, title TEXT NOT NULL, author TEXT NOT NULL, year INTEGER, pages INTEGER, "
-               "isbn TEXT UNIQUE, owner_id INTEGER NOT NULL, created_at TEXT NOT NULL, "
-               "updated_at TEXT NOT NULL")
+               "isbn TEXT UNIQUE, price_cents INTEGER, stock INTEGER NOT NULL DEFAULT 0, owner_id INTEGER NOT NULL, "
+               "created_at TEXT NOT NULL, updated_at TEXT NOT NULL")
+    # The shared harness's tables of orders and their lines (a line keeps the title and price of its
+    # moment, so book_id is no foreign key).
+    orders = ("CREATE TABLE orders ({id} PRIMARY KEY, buyer_id INTEGER NOT NULL, status TEXT NOT NULL, "
+              "total_cents INTEGER NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+              "CREATE TABLE order_items ({id} PRIMARY KEY, order_id INTEGER NOT NULL REFERENCES orders (id), "
+              "book_id INTEGER NOT NULL, title TEXT NOT NULL, quantity INTEGER NOT NULL, "
+              "unit_price_cents INTEGER NOT NULL, line_total_cents INTEGER NOT NULL)",
+              "CREATE INDEX order_items_order_id ON order_items (order_id)")
     stamp = "2026-01-01T00:00:00Z"
-    rows = [(i, b["title"], b["author"], b["year"], b["pages"], b["isbn"], 1, stamp, stamp)
-            for i, b in enumerate(books, 1)]
+    rows = [(i, b["title"], b["author"], b["year"], b["pages"], b["isbn"], b["price_cents"], b["stock"], 1,
+             stamp, stamp) for i, b in enumerate(books, 1)]
     if url.startswith("sqlite"):
         with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db, db:
-            db.execute(f"CREATE TABLE books ({columns.format(id='id INTEGER')})")
-            db.executemany("INSERT INTO books VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for table in (f"CREATE TABLE books ({columns})", *orders):
+                db.execute(table.format(id="id INTEGER"))
+            db.executemany("INSERT INTO books VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return
     with psycopg.connect(url) as db, db.cursor() as cursor:
         identity = "id BIGINT GENERATED BY DEFAULT AS IDENTITY"
-        cursor.execute(f"CREATE TABLE books ({columns.format(id=identity)})")
+        for table in (f"CREATE TABLE books ({columns})", *orders):
+            cursor.execute(table.format(id=identity))
         with cursor.copy("COPY books FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
@@ -185,15 +204,39 @@ async def seed_quire(server, books):
     say(f"quire: seeded {len(books):,} books through its API in {took:.1f} s ({len(books) / took:,.0f}/s)")
 
 
-def find_deep_page(server):
-    """Follow `next` from the first page until DEEP books are behind, as a client paging would."""
-    url = "/api/v1/books?limit=20"
+def seed_quire_by_sql(server, books, database_url):
+    """--books: a million books through the API would take over half an hour, so they go straight
+    into quire's SQLite file, as quire itself writes them (folded columns included; its triggers
+    fill the trigram index), owned by the bench user, who signs in through the API."""
+    started, password = time.monotonic(), secrets.token_urlsafe(16)
     with httpx.Client(base_url=server.base, timeout=30) as client:
-        for _ in range(DEEP // 20):
+        user = {"email": "bench@example.com", "name": "Bench", "password": password}
+        owner = expect(client.post("/api/v1/users", json=user), 201)["id"]
+        login = {"email": user["email"], "password": password}
+        server.token = expect(client.post("/api/v1/auth/token", json=login), 200)["access_token"]
+    stamp = "2026-01-01T00:00:00.000000Z"
+    rows = ((b["title"], b["author"], b["year"], b["pages"], b["isbn"], b["price_cents"], b["stock"], owner,
+             b["title"].casefold(), b["author"].casefold(), stamp, stamp) for b in books)
+    with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=30)) as db, db:
+        first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM books").fetchone()[0]
+        db.executemany("INSERT INTO books (title, author, year, pages, isbn, price_cents, stock, owner_id, "
+                       "title_fold, author_fold, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       rows)
+    server.ids = list(range(first, first + len(books)))
+    took = time.monotonic() - started
+    say(f"quire: wrote {len(books):,} books into its database with SQL in {took:.1f} s")
+
+
+def find_deep_page(server, deep):
+    """Follow `next` from the first page until `deep` books are behind, as a client paging would
+    (100 at a time, then the page of 20 that a cursor from there gives)."""
+    url = "/api/v1/books?limit=100"
+    with httpx.Client(base_url=server.base, timeout=30) as client:
+        for _ in range(deep // 100):
             url = expect(client.get(url), 200)["next"]
             if not url:
-                raise AppError(f"`next` is null before {DEEP:,} books")
-    server.deep = url
+                raise AppError(f"`next` is null before {deep:,} books")
+    server.deep = url.replace("limit=100", "limit=20")
 
 
 def stop(server):
@@ -213,6 +256,7 @@ def start(app, args, books):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = fresh_database(app, args.database) if app != "floor" else ""
+    deep = len(books) * 9 // 10
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("QUIRE_", "BENCH_")) and k != "DATABASE_URL"}  # none of the caller's settings
     secret = secrets.token_urlsafe(36)  # 48 characters
@@ -236,12 +280,15 @@ def start(app, args, books):
     try:
         wait_ready(server)
         if app == "quire":
-            asyncio.run(seed_quire(server, books))
-            find_deep_page(server)
+            if len(books) > N_BOOKS:
+                seed_quire_by_sql(server, books, url)
+            else:
+                asyncio.run(seed_quire(server, books))
+            find_deep_page(server, deep)
         else:
             server.ids = list(range(1, len(books) + 1))
             server.token = jwt.encode({"sub": "1", "exp": int(time.time()) + 7200}, secret, algorithm="HS256")
-            server.deep = f"/api/v1/books?limit=20&offset={DEEP}"
+            server.deep = f"/api/v1/books?limit=20&offset={deep}"
     except BaseException:
         stop(server)
         raise
@@ -249,8 +296,9 @@ def start(app, args, books):
 
 
 def check(server, books):
-    """Before timing: books by id are the seeded ones, both pages hold the right 20 ids, POST is 201.
-    The floor only has to answer with a book."""
+    """Before timing: books by id are the seeded ones, both pages hold the right 20 ids, the search
+    finds the five books with the rare word, POST is 201, an order is 201 and takes one copy. The
+    floor only has to answer with a book."""
     with httpx.Client(base_url=server.base, timeout=30) as client:
         if server.app == "floor":
             if "title" not in expect(client.get("/api/v1/books/1"), 200):
@@ -260,12 +308,25 @@ def check(server, books):
             got = expect(client.get(f"/api/v1/books/{server.ids[i]}"), 200)
             if {key: got[key] for key in books[i]} != books[i]:
                 raise AppError(f"book {server.ids[i]} is {got}, but the book seeded there is {books[i]}")
-        ids = sorted(server.ids)
-        for path, first in (("/api/v1/books?limit=20", 0), (server.deep, DEEP)):
+        ids, deep = sorted(server.ids), len(books) * 9 // 10
+        for path, first in (("/api/v1/books?limit=20", 0), (server.deep, deep)):
             if [b["id"] for b in expect(client.get(path), 200)["items"]] != ids[first:first + 20]:
                 raise AppError(f"GET {path} does not hold the ids {ids[first]}..{ids[first + 19]}")
+        rare = [server.ids[i] for i, book in enumerate(books) if RARE in book["title"]]
+        if [b["id"] for b in expect(client.get(f"/api/v1/books?q={SEARCH}"), 200)["items"]] != rare:
+            raise AppError(f"GET /api/v1/books?q={SEARCH} does not find the ids {rare}")
+        if len(books) > N_BOOKS:
+            return  # --books measures the reads only
+        auth = {"Authorization": f"Bearer {server.token}"}
         new = {"title": "Bench check", "author": "Load Tester", "year": 2024, "pages": 321}
-        expect(client.post("/api/v1/books", json=new, headers={"Authorization": f"Bearer {server.token}"}), 201)
+        expect(client.post("/api/v1/books", json=new, headers=auth), 201)
+        book_id = server.ids[-1]
+        order = expect(client.post("/api/v1/orders", json={"items": [{"book_id": book_id, "quantity": 1}]},
+                                   headers=auth), 201)
+        if order["items"][0]["title"] != books[-1]["title"] or order["total_cents"] != books[-1]["price_cents"]:
+            raise AppError(f"the order of book {book_id} is {order}")
+        if expect(client.get(f"/api/v1/books/{book_id}"), 200)["stock"] != STOCK - 1:
+            raise AppError(f"an order of book {book_id} did not take one copy from its stock")
 
 
 # == Measuring: wrk, and /proc for CPU and memory =================================================
@@ -339,8 +400,9 @@ def wait_idle(server, timeout=30):
 
 def wrk(server, endpoint, seconds, ids_file, tag):
     """One wrk run from CPU 1; returns what bench.lua prints."""
-    path = {"list": "/api/v1/books?limit=20", "deep": server.deep}.get(endpoint, "/")
-    script = {"get": ["get", ids_file], "post": ["post", server.token, tag]}.get(endpoint, ["path"])
+    path = {"list": "/api/v1/books?limit=20", "deep": server.deep, "search": f"/api/v1/books?q={SEARCH}"}.get(endpoint, "/")
+    script = {"get": ["get", ids_file], "post": ["post", server.token, tag],
+              "order": ["order", server.token, ids_file]}.get(endpoint, ["path"])
     cmd = pin(1) + [*WRK, f"-d{seconds}s", "-s", f"{HERE}/bench.lua", server.base + path, "--", *script]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((line for line in out.stdout.splitlines() if line.startswith("JSON ")), None)
@@ -382,16 +444,16 @@ def measure(app, rnd, args, books):
         with open(ids_file, "w") as f:
             f.write("".join(f"{server.ids[i]}\n" for i in order))
         results = {}
-        for endpoint in ENDPOINTS:
+        for endpoint in args.endpoints:
             wait_idle(server)
             wrk(server, endpoint, args.warmup, ids_file, f"warm{rnd}")
             results[endpoint] = r = timed(server, endpoint, args.duration, ids_file, f"round{rnd}")
-            say(f"round {rnd}/{args.rounds} {app:7} {endpoint:4} {r['rps']:8,.0f} req/s  "
+            say(f"round {rnd}/{args.rounds} {app:7} {endpoint:6} {r['rps']:8,.0f} req/s  "
                 f"p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  {r['cpu_us']:6,.0f} CPU µs/req  "
                 f"errors {r['http_errors']}/{r['socket_errors']}")
         peak, rss = memory_mib(server.proc.pid, "VmHWM"), [memory_mib(server.proc.pid, "VmRSS")]
         if app == "quire" and args.second_run:  # does memory keep growing under the same load?
-            again = [timed(server, endpoint, args.duration, ids_file, f"again{rnd}") for endpoint in ENDPOINTS]
+            again = [timed(server, endpoint, args.duration, ids_file, f"again{rnd}") for endpoint in args.endpoints]
             errors = sum(r["http_errors"] + r["socket_errors"] for r in again)
             rss.append(memory_mib(server.proc.pid, "VmRSS"))
             say(f"round {rnd}/{args.rounds} quire second pass: {errors} errors, "
@@ -439,7 +501,7 @@ def describe(args, state):
     quire = versions(args.quire_python, ["starlette", "msgspec", "databases", "aiosqlite", "asyncpg", *SERVER])
     peers = versions(sys.executable, ["fastapi", "pydantic", "SQLAlchemy", "psycopg", "Flask", "gunicorn", *SERVER])
     return [f"quire at {state[0]} ({PROJECT}). Database: {database}. Every app starts every round on a fresh "
-            f"database holding the same {N_BOOKS:,} books, pinned to CPU 0; `{command}` runs on CPU 1 after a "
+            f"database holding the same {args.books:,} books, pinned to CPU 0; `{command}` runs on CPU 1 after a "
             f"{args.warmup} s warm-up; {args.rounds} round(s), the apps in turn; medians.", "",
             f"Machine: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
             f"Python {platform.python_version()}, {wrk_version}.", "",
@@ -455,14 +517,15 @@ def report(args, header, runs, peak, rss, failed):
 
     apps, pg = [a for a in args.apps if a not in failed], args.database == "postgresql"
     out = [f"# quire bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *header, "",
-           "| req/s (CPU µs/req) | " + " | ".join(ENDPOINTS) + " | peak RSS |", "|---|" + "---:|" * 5]
+           "| req/s (CPU µs/req) | " + " | ".join(args.endpoints) + " | peak RSS |",
+           "|---|" + "---:|" * (len(args.endpoints) + 1)]
     for app in apps:
-        cells = [f"{med(app, ep, 'rps'):,.0f} ({med(app, ep, 'cpu_us'):,.0f})" for ep in ENDPOINTS]
+        cells = [f"{med(app, ep, 'rps'):,.0f} ({med(app, ep, 'cpu_us'):,.0f})" for ep in args.endpoints]
         out.append(f"| {app} | {' | '.join(cells)} | {median(peak[app]):.0f} MiB |")
     out += ["", "| app | endpoint | req/s | p50 ms | p99 ms | CPU µs/req |" + " all PostgreSQL CPU µs/req |" * pg
             + " errors HTTP/socket |", "|---|---|" + "---:|" * (5 + pg)]
     for app in apps:
-        for ep in ENDPOINTS:
+        for ep in args.endpoints:
             rs, rps = runs[app, ep], [r["rps"] for r in runs[app, ep]]
             spread = f" ({min(rps):,.0f}–{max(rps):,.0f})" if len(rps) > 1 else ""
             out.append(f"| {app} | {ep} | {median(rps):,.0f}{spread} | {med(app, ep, 'p50_ms'):.1f} | "
@@ -471,8 +534,8 @@ def report(args, header, runs, peak, rss, failed):
                        + f"{sum(r['http_errors'] for r in rs)}/{sum(r['socket_errors'] for r in rs)} |")
     out.append("")
     for peer in [a for a in apps if a != "quire"] if "quire" in apps else []:
-        cpu = ", ".join(f"{ep} {med(peer, ep, 'cpu_us') / med('quire', ep, 'cpu_us'):.2f}" for ep in ENDPOINTS)
-        rps = ", ".join(f"{ep} {med('quire', ep, 'rps') / med(peer, ep, 'rps'):.2f}" for ep in ENDPOINTS)
+        cpu = ", ".join(f"{ep} {med(peer, ep, 'cpu_us') / med('quire', ep, 'cpu_us'):.2f}" for ep in args.endpoints)
+        rps = ", ".join(f"{ep} {med('quire', ep, 'rps') / med(peer, ep, 'rps'):.2f}" for ep in args.endpoints)
         if peer == "floor":
             out.append(f"- quire vs floor: quire's fraction of the floor's req/s: {rps}; "
                        f"of its CPU µs/req (floor ÷ quire): {cpu}")
@@ -503,6 +566,9 @@ def parse_args():
     parser.add_argument("--duration", type=int, help="seconds per timed run (default 10)")
     parser.add_argument("--second-run", action=argparse.BooleanOptionalAction, default=True,
                         help="run quire's timed runs twice a round, and report its RSS after each pass")
+    parser.add_argument("--books", type=int, default=N_BOOKS,
+                        help=f"books in the catalogue (default {N_BOOKS:,}); more than that measures quire's reads "
+                             f"alone ({', '.join(READS)}), on SQLite, seeded with SQL")
     parser.add_argument("--quire-python", default=sys.executable,
                         help="python of a venv with the project's requirements (bench/run passes its own)")
     args = parser.parse_args()
@@ -512,6 +578,12 @@ def parse_args():
         parser.error(f"with --database {args.database}, --apps takes names from {','.join(allowed)}")
     if any(n is not None and n < 1 for n in (args.rounds, args.duration)):
         parser.error("--rounds and --duration take a positive number")
+    if args.books < N_BOOKS and args.books < 100:
+        parser.error("--books takes 100 or more")
+    args.endpoints = ENDPOINTS if args.books <= N_BOOKS else READS
+    if args.books > N_BOOKS:
+        if args.database != "sqlite" or set(args.apps) != {"quire"}:
+            parser.error(f"--books over {N_BOOKS:,} runs quire alone on SQLite: add --apps quire")
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (5 if args.quick else 10)
     args.warmup = 2 if args.quick else 3
@@ -532,7 +604,7 @@ def main():
         say(f"note: quire also reads {PROJECT}/.env (the variables the bench sets win)")
     if os.cpu_count() >= 2:
         os.sched_setaffinity(0, {1})  # this process and quire's seeding client stay off the server's CPU
-    books, state = make_books(), project_state()
+    books, state = make_books(args.books), project_state()
     header = describe(args, state)  # before the run: the versions and the commit it starts from
     runs, peak, rss, failed = {}, {}, {}, {}
     for rnd in range(1, args.rounds + 1):
