@@ -380,21 +380,39 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 log = logging.getLogger("quire")
 
 
+class JSONLines(logging.StreamHandler):
+    """quire's own handler: each record's message, one JSON line, on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def write_line(self, line: str) -> None:
+        """What `emit` writes for a record of this line, without making the record: building a
+        LogRecord (thread, process, time fields the line does not show) costs more than the write."""
+        with self.lock:
+            self.stream.write(line + self.terminator)
+            self.stream.flush()
+
+
 def log_json(**fields: Any) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     fields = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z", **fields}
-    # makeRecord + handle is what log.info() does, minus the walk up the stack for the caller's
-    # file and line, which the JSON line does not show; this runs for every request.
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, encoder.encode(fields).decode(), None, None))
+    line = encoder.encode(fields).decode()
+    handlers = log.handlers
+    if len(handlers) == 1 and type(handlers[0]) is JSONLines and not log.filters:  # only quire's own
+        handlers[0].write_line(line)
+        return
+    # Handlers of the embedding app: a record for them, made as log.info() makes one, minus the
+    # walk up the stack for the caller's file and line, which the JSON line does not show.
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
 
 
 def log_to_stderr() -> None:
     """One JSON line per record on stderr, unless the embedding app has set up this logger."""
     if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+        log.addHandler(JSONLines())
         log.setLevel(logging.INFO)
         log.propagate = False
 
