@@ -12,10 +12,11 @@ lookup costs). So quire holds its connections:
 - SQLite: one writer connection, with an `asyncio.Lock` so that a process writes one statement
   or transaction at a time (several worker processes wait for each other through the busy
   timeout), and two readers (WAL lets them read while a write is under way). Reads that use an
-  index — every read but the `q` search — run on a plain `sqlite3` connection right on the event
-  loop: a primary-key lookup takes ~9 µs there, against ~50 µs through aiosqlite's thread and
-  back, so the hop would cost more than the query. The `q` search scans the table (~1 ms
-  per 10,000 books), which must not stall the loop, so it goes to the threaded reader.
+  index run on a plain `sqlite3` connection right on the event loop: a primary-key lookup takes
+  ~9 µs there, against ~50 µs through aiosqlite's thread and back, so the hop would cost more
+  than the query. The `q` search goes to the threaded reader: its trigram index finds a pattern
+  of three characters or more, but one or two characters still scan the table (~1 ms per 10,000
+  books), which must not stall the loop.
 - PostgreSQL: a pool; each query borrows a connection for as long as it runs.
 
 SQL is written once, with `:name` parameters: sqlite3 binds those itself, and for asyncpg they are
