@@ -117,7 +117,7 @@ def _json_object(data: bytes) -> dict[str, Any]:
 
 
 def _sign(signing_input: bytes, key: bytes) -> bytes:
-    return hmac.new(key, signing_input, hashlib.sha256).digest()
+    return hmac.digest(key, signing_input, "sha256")
 
 
 def make_token(user_id: int, key: bytes, ttl: int, *, session_id: int | None = None,

@@ -1439,7 +1439,9 @@ with TestClient(app) as client:
 
 def test_each_request_writes_one_json_line_to_stderr_without_secrets(database_url):
     secret_key = "the secret key, at least 32 bytes long"
+    started = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     result = run_python(LOGGING_SNIPPET, database_url, secret_key)
+    ended = datetime.datetime.now(datetime.UTC)
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     assert token.count(".") == 2, "only the snippet's own output is on stdout: " + result.stdout
@@ -1453,12 +1455,22 @@ def test_each_request_writes_one_json_line_to_stderr_without_secrets(database_ur
     for line in requests:
         assert {"time", "request_id", "method", "path", "status", "duration_ms"} <= set(line)
         assert RFC3339.fullmatch(line["time"]), line["time"]
-        assert datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00")).tzinfo is not None
+        assert started <= datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00")) <= ended
         assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
     # The unexpected failure is logged, with its request id, so that the 500's body can be traced.
     assert any(line.get("request_id") == "req-6" and "secret internals" in json.dumps(line) for line in lines)
     for secret in ("a very secret password", token, token.split(".")[2], secret_key):
         assert secret not in result.stderr
+
+
+def test_log_times_are_utc_to_the_millisecond_across_seconds(monkeypatch):
+    """The clock formats the part up to the second once a second: each line still gets its own time."""
+    clock = web.UTCClock()
+    moments = [1764700000.0, 1764700000.9994, 1764700001.0004, 1764700001.5, 1764703599.999, 1764703600.25]
+    for moment in moments + moments[::-1]:  # and back: a clock set back must not keep a later prefix
+        monkeypatch.setattr(web.time, "time", lambda: moment)
+        expected = datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat(timespec="milliseconds")
+        assert clock.now() == expected.replace("+00:00", "Z"), moment
 
 
 # == Health =======================================================================================

@@ -15,15 +15,12 @@ user; openapi.py reads the same `Operation`s to write the OpenAPI document.
 import base64
 import collections
 import dataclasses
-import datetime
-import hashlib
 import hmac
 import logging
 import math
 import os
 import random
 import re
-import secrets
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
@@ -172,12 +169,16 @@ def app_path(request: Request, path: str) -> str:
     return prefixed(request.scope, path)
 
 
+def url_path(path: str) -> str:
+    """A path from the scope, escaped as Starlette escapes `request.url.path` (without building
+    the whole URL): a path, or a parametrised mount's prefix, comes from the client, and a bare
+    `?`, `#` or backslash in it would make a URL point somewhere else."""
+    return path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+
+
 def prefixed(scope: Scope, path: str) -> str:
     """`path` under the prefix the request's app is mounted under (`root_path`)."""
-    prefix = scope.get("root_path", "")
-    # Escaped as Starlette escapes request.url: a parametrised mount takes its prefix from the
-    # client, and a bare `?`, `#` or backslash would make the URL point somewhere else.
-    return prefix.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C") + path
+    return url_path(scope.get("root_path", "")) + path
 
 
 def media_type(request: Request) -> str:
@@ -281,11 +282,14 @@ def cursor_filters(query: Struct) -> list:
     return [getattr(query, name) for name in query.__struct_fields__ if name not in PAGING]
 
 
+def cursor_signature(key: bytes, payload: bytes) -> bytes:
+    return hmac.digest(key, b"cursor:" + payload, "sha256")[:12]  # the one-shot digest: no HMAC object
+
+
 def make_cursor(key: bytes, query: Struct, position: list) -> str:
     payload = encoder.encode({"list": type(query).__name__, "sort": query.sort,
                               "filters": cursor_filters(query), "after": position})
-    signature = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
-    return base64.urlsafe_b64encode(payload + signature).decode().rstrip("=")
+    return base64.urlsafe_b64encode(payload + cursor_signature(key, payload)).decode().rstrip("=")
 
 
 def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | None:
@@ -296,8 +300,7 @@ def read_cursor(key: bytes, query: Struct, shape: tuple[type, ...]) -> list | No
     try:
         raw = base64.urlsafe_b64decode(query.cursor + "=" * (-len(query.cursor) % 4))
         payload, signature = raw[:-12], raw[-12:]
-        expected = hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
-        if not hmac.compare_digest(signature, expected):
+        if not hmac.compare_digest(signature, cursor_signature(key, payload)):
             raise ValueError
         state = msgspec.json.decode(payload)
     except (ValueError, msgspec.DecodeError):
@@ -326,7 +329,7 @@ def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str 
         return None, {}
     params = {name: getattr(query, name) for name in query.__struct_fields__
               if name != "cursor" and (name == "limit" or name in request.query_params)}
-    url = request.url.path + "?" + urlencode({**params, "cursor": cursor})  # the path carries any mount prefix
+    url = url_path(request.scope["path"]) + "?" + urlencode({**params, "cursor": cursor})  # with any mount prefix
     return url, {"Link": f'<{url}>; rel="next"'}
 
 
@@ -395,10 +398,30 @@ class JSONLines(logging.StreamHandler):
             self.stream.flush()
 
 
+class UTCClock:
+    """Timestamps for log lines (`2026-12-02T19:30:38.245Z`): the part up to the second is
+    formatted once a second, which costs a third of formatting a datetime on every line."""
+
+    def __init__(self) -> None:
+        self.second = (-1, "")  # one tuple, so that a thread never sees one second's prefix with another's
+
+    def now(self) -> str:
+        now = time.time()
+        second, prefix = self.second
+        if int(now) != second:
+            second = int(now)
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.second = (second, prefix)
+        return f"{prefix}.{int((now - second) * 1000):03d}Z"
+
+
+clock = UTCClock()
+
+
 def log_json(**fields: Any) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
-    fields = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z", **fields}
+    fields = {"time": clock.now(), **fields}
     line = encoder.encode(fields).decode()
     handlers = log.handlers
     if len(handlers) == 1 and type(handlers[0]) is JSONLines and not log.filters:  # only quire's own
@@ -552,7 +575,7 @@ class RequestMiddleware:
             elif name == b"traceparent":
                 traceparent = value if traceparent is None else b""  # two of them: neither counts
         if not REQUEST_ID.fullmatch(request_id):
-            request_id = secrets.token_hex(16)
+            request_id = f"{random.getrandbits(128):032x}"  # unique, not secret (as trace ids)
         trace_id, span_id, flags = trace_ids(traceparent)
         state = scope.setdefault("state", {})
         state["request_id"], state["trace_id"] = request_id, trace_id
