@@ -117,7 +117,10 @@ def _json_object(data: bytes) -> dict[str, Any]:
 
 
 def _sign(signing_input: bytes, key: bytes) -> bytes:
-    return hmac.digest(key, signing_input, "sha256")
+    # An HMAC object, not the one-shot `hmac.digest`: that one lets go of the GIL for a 2 µs hash,
+    # and while a database thread is busy the event loop then waits for it to come back (measured:
+    # 2.8 µs per signature against 625 µs with a thread running Python beside it).
+    return hmac.new(key, signing_input, hashlib.sha256).digest()
 
 
 def make_token(user_id: int, key: bytes, ttl: int, *, session_id: int | None = None,
