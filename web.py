@@ -284,7 +284,8 @@ def cursor_filters(query: Struct) -> list:
 
 
 def cursor_signature(key: bytes, payload: bytes) -> bytes:
-    # Not the one-shot `hmac.digest`, which releases the GIL: auth._sign says why that costs.
+    # Not the one-shot `hmac.digest`: it releases the GIL around the hash, and the event loop then
+    # waits for whichever database thread took it to hand it back.
     return hmac.new(key, b"cursor:" + payload, hashlib.sha256).digest()[:12]
 
 
