@@ -363,6 +363,21 @@ class Operation:
     idempotent: bool = False  # honours an Idempotency-Key header (a retried POST is answered, not redone)
 
 
+class Endpoint:
+    """The ASGI app of one path: calls the handler for the request's method and sends its answer.
+
+    An ASGI app, not a function: Starlette would wrap a function in a second exception-handling
+    layer per request, and the app's ExceptionMiddleware already answers what handlers raise."""
+
+    def __init__(self, handlers: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+        self.handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        response = await self.handlers["GET" if method == "HEAD" else method](Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
 def routes(operations: Iterable[Operation]) -> list[Route]:
     """One Route per path, carrying all of its methods, so that a 405 lists them all in `Allow`.
 
@@ -370,13 +385,7 @@ def routes(operations: Iterable[Operation]) -> list[Route]:
     by_path: dict[str, dict[str, Callable]] = {}
     for operation in operations:
         by_path.setdefault(operation.path, {})[operation.method] = operation.handler
-
-    def dispatch(handlers: dict[str, Callable]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            return await handlers["GET" if request.method == "HEAD" else request.method](request)
-        return endpoint
-
-    return [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
+    return [Route(path, Endpoint(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
 
 
 # == Middleware ===================================================================================
