@@ -2286,6 +2286,12 @@ def test_limit_may_be_anything_from_1_to_100(client, limit):
     ("q=" + "x" * 101, "q", "Expected `str` of length <= 100"),
     ("author=", "author", "Expected `str` of length >= 1"),
     ("cursor=", "cursor", "This cursor is not one this API made; use `next` as given."),
+    # NUL reaches neither database (PostgreSQL cannot take it; SQLite's FTS5 read it as the end).
+    ("q=%00abc", "q", "Expected a value without NUL characters."),
+    ("q=ab%00", "q", "Expected a value without NUL characters."),
+    ("q=a%00", "q", "Expected a value without NUL characters."),
+    ("author=%00x", "author", "Expected a value without NUL characters."),
+    ("cursor=%00", "cursor", "Expected a value without NUL characters."),
 ])
 def test_a_bad_query_parameter_is_refused_naming_it(client, query, parameter, detail):
     response = client.get(f"{BOOKS}?{query}")

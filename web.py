@@ -213,12 +213,15 @@ def decode(body: bytes, type_: type[T]) -> T:
 
 
 def parse_query(request: Request, type_: type[T]) -> T:
-    """The query string as a Struct; a 400 names the first bad, unknown or repeated parameter."""
+    """The query string as a Struct; a 400 names the first bad, unknown or repeated parameter.
+    NUL characters are refused, as in bodies: the databases cannot take them in a search."""
     items = request.query_params.multi_items()
     seen: set[str] = set()
-    for name, _ in items:
+    for name, value in items:
         if name in seen:
             raise invalid_parameter(name, "Give this parameter once.")
+        if "\x00" in value:
+            raise invalid_parameter(name, "Expected a value without NUL characters.")
         seen.add(name)
     try:
         return msgspec.convert(dict(items), type_, strict=False)
