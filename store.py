@@ -419,22 +419,41 @@ class Store:
         SQLite's `BEGIN IMMEDIATE` takes the write lock up front, so two processes never both
         read and then both try to upgrade to writing (which SQLite would refuse).
         """
+        if not self._connected:  # a transaction may be a fresh app's first use of the store
+            await self.connect()
+        async with self._transaction() as run:
+            yield run
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Run]:
+        """`transaction()` without connecting first: what `migrate` runs in, while connecting."""
         with self._errors():
             if self.is_sqlite:
                 async with self._write_lock:
-                    writer = self._writer
-                    await writer.raw_connection.execute("BEGIN IMMEDIATE")
+                    writer = self._writer.raw_connection
                     try:
-                        yield functools.partial(self._sqlite, writer)
+                        await writer.execute("BEGIN IMMEDIATE")
+                        yield functools.partial(self._sqlite, self._writer)
                     except BaseException:
-                        await writer.raw_connection.execute("ROLLBACK")
+                        await self._roll_back(writer)
                         raise
-                    await writer.raw_connection.execute("COMMIT")
+                    await writer.execute("COMMIT")
             else:
                 async with self.database.connection() as connection:
                     raw = connection.raw_connection
                     async with raw.transaction():
                         yield functools.partial(self._postgres, raw)
+
+    @staticmethod
+    async def _roll_back(writer: Any) -> None:
+        """Roll back SQLite's one writer. Also after a request cancelled while its BEGIN waited for
+        another process's lock: the BEGIN still runs in aiosqlite's thread, and this ROLLBACK runs
+        after it there. Had the BEGIN failed, there is no transaction, and nothing to roll back."""
+        try:
+            await writer.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            if writer.in_transaction:
+                raise
 
     # -- migrations ------------------------------------------------------------------------------
 
@@ -446,7 +465,7 @@ class Store:
         work done.
         """
         name = "sqlite" if self.is_sqlite else "postgresql"
-        async with self.transaction() as run:
+        async with self._transaction() as run:
             if not self.is_sqlite:
                 await run("SELECT pg_advisory_xact_lock(:key)", {"key": 7_165_017})
             await run("CREATE TABLE IF NOT EXISTS schema_migrations "

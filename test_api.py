@@ -1641,6 +1641,15 @@ def test_a_mounted_app_registers_with_a_location_under_its_prefix(make_app):
         assert client.get("/shop/healthz").json() == {"status": "ok"}
 
 
+def test_a_mounted_app_whose_first_request_is_a_refresh_connects_for_it(make_app):
+    """A refresh starts with a transaction, not a query: it too must connect (and migrate) first."""
+    parent = Starlette(routes=[Mount("/shop", app=make_app())])
+    with TestClient(parent) as client:
+        response = client.post("/shop/api/v1/auth/token", json={"refresh_token": "x" * 43})
+        assert_unauthorized(response)
+        assert response.json()["detail"] == "This refresh token is unknown, spent, expired or revoked: sign in again."
+
+
 # == Books ========================================================================================
 
 BOOKS = "/api/v1/books"
@@ -4027,6 +4036,41 @@ def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_a_503_and_reads_go_on
             other.close()
         assert [item["title"] for item in client.get(BOOKS).json()["items"]] == ["Clean Code"]
         assert client.post(BOOKS, json=book_fields(title="Blocked"), headers=headers).status_code == 201
+
+
+def test_a_write_cancelled_while_waiting_for_sqlites_write_lock_leaves_the_writer_usable(tmp_path):
+    """A request cancelled (a shutdown's grace period running out, a parent app's timeout) while
+    its BEGIN IMMEDIATE waits for another process's lock must not leave SQLite's one writer inside
+    that transaction: the BEGIN still finishes in aiosqlite's thread, and without a ROLLBACK after
+    it every later order would fail and every later write would stay uncommitted."""
+    path = tmp_path / "cancelled.db"
+    app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{path}", rate_limit=0)
+    with TestClient(app) as client:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers, price_cents=100, stock=5)
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+
+        async def cancel_a_waiting_transaction() -> None:
+            async def empty_the_shelf() -> None:
+                async with app.state.quire.store.transaction() as run:
+                    await run("UPDATE books SET stock = 0", {})
+            task = asyncio.create_task(empty_the_shelf())
+            await asyncio.sleep(0.3)  # its BEGIN IMMEDIATE is waiting for `other`'s lock
+            task.cancel()
+            other.execute("ROLLBACK")  # the lock is free: the BEGIN goes through in aiosqlite's thread
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        try:
+            client.portal.call(cancel_a_waiting_transaction)
+        finally:
+            other.close()
+        assert place(client, headers, (book["id"], 1)).status_code == 201  # an order is a transaction
+        after, _ = new_book(client, headers, title="After")
+        with contextlib.closing(sqlite3.connect(path)) as reader:  # committed: another connection sees it
+            assert reader.execute("SELECT title FROM books WHERE id = ?", (after["id"],)).fetchall() == [("After",)]
+            assert reader.execute("SELECT stock FROM books WHERE id = ?", (book["id"],)).fetchall() == [(4,)]
 
 
 # == Durability: real server processes ============================================================
