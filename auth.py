@@ -65,9 +65,10 @@ async def hash_password(password: str) -> str:
 
 
 async def verify_password(stored: str | None, password: str) -> bool:
-    """Check `password` against `stored`, or against a dummy hash when there is no user."""
-    loop = asyncio.get_running_loop()
-    matches = await loop.run_in_executor(_hashing, check_password_hash, stored or _dummy_hash(), password)
+    """Check `password` against `stored`, or against a dummy hash when there is no user. The dummy
+    is made in the hashing thread too: making it is a hash, and must not stall the event loop."""
+    matches = await asyncio.get_running_loop().run_in_executor(
+        _hashing, lambda: check_password_hash(stored or _dummy_hash(), password))
     return matches and stored is not None
 
 

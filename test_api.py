@@ -483,6 +483,20 @@ def test_the_right_password_gets_a_bearer_token(client):
     assert client.get(ME, headers=bearer(body["access_token"])).json() == user
 
 
+def test_the_dummy_hash_for_unknown_emails_is_made_in_the_hashing_thread(client, monkeypatch):
+    """Making the dummy hash is a whole scrypt hash: made on the event loop, the first sign-in
+    for an unknown email would stall every other request for its duration."""
+    threads = []
+
+    def dummy_hash() -> str:
+        threads.append(threading.current_thread().name)
+        return auth.make_password_hash("dummy")
+
+    monkeypatch.setattr(auth, "_dummy_hash", dummy_hash)
+    assert_unauthorized(client.post(TOKEN, json={"email": "nobody@example.com", "password": PASSWORD}))
+    assert len(threads) == 1 and threads[0].startswith("scrypt"), threads
+
+
 def test_a_wrong_password_and_an_unknown_email_get_the_same_401(client):
     user = register(client)
     wrong_password = client.post(TOKEN, json={"email": user["email"], "password": "not the password"})
