@@ -427,12 +427,20 @@ async def signed_in(request: Request) -> storage.Row:
     return user
 
 
+async def check_presented_token(request: Request) -> None:
+    """Public operations need no token, but one that is sent is still checked (401 if bad)."""
+    if "authorization" in request.headers:
+        await signed_in(request)
+
+
 # == Users and tokens =============================================================================
 
 
 async def register(request: Request) -> Response:
     """Create an account; the response's Location is the new user."""
-    credentials = decode(await read_json(request), UserIn)
+    body = await read_json(request)
+    await check_presented_token(request)
+    credentials = decode(body, UserIn)
     password_hash = await auth.hash_password(credentials.password)
     user = await quire(request).store.create_user(
         email=credentials.email.lower(), name=credentials.name, password_hash=password_hash)
@@ -701,12 +709,6 @@ def not_modified(request: Request, row: storage.Row) -> Response | None:
     return None
 
 
-async def check_presented_token(request: Request) -> None:
-    """Public reads need no token, but one that is sent is still checked (401 if bad)."""
-    if "authorization" in request.headers:
-        await signed_in(request)
-
-
 async def list_books(request: Request) -> Response:
     """A page of books: filter with `author` or `q`, order with `sort`, continue with `next`."""
     await check_presented_token(request)
@@ -965,7 +967,7 @@ OPERATIONS = [
               signed_in=True, etag=True, conditional="If-None-Match"),
     Operation("PATCH", "/api/v1/orders/{id:int}", move_order, "orders", (200, Order), OrderMove,
               errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
-    Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 409, 413, 415),
+    Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 401, 409, 413, 415),
               private=True, strict_limit=True),
     Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,
               errors=(400, 401, 403), signed_in=True, private=True),

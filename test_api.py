@@ -467,6 +467,13 @@ def test_passwords_are_stored_with_owasp_parameters(client, monkeypatch):
     assert token_for(client, "one@example.com")
 
 
+def test_a_token_presented_when_registering_is_checked_and_a_bad_one_creates_nobody(client):
+    assert_unauthorized(client.post(USERS, json=user_body(email="ada@example.com"), headers=bearer("not.a.token")))
+    assert_unauthorized(client.post(TOKEN, json={"email": "ada@example.com", "password": PASSWORD}))
+    _, headers = signed_in_user(client)  # a good token is no obstacle: a signed-in user may register another
+    assert client.post(USERS, json=user_body(email="ada@example.com"), headers=headers).status_code == 201
+
+
 # == Tokens =======================================================================================
 
 
