@@ -1043,7 +1043,7 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key",
-                           "traceparent"],
+                           "traceparent", "X-Request-ID"],
             expose_headers=["ETag", "Location", "Link", "X-Request-ID", "Retry-After", "Idempotent-Replayed",
                             "RateLimit", "RateLimit-Policy", "traceresponse"],
             max_age=600))

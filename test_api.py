@@ -3748,7 +3748,7 @@ def test_uncounted_answers_and_an_app_without_limits_carry_no_ratelimit_fields(m
 ORIGIN = "https://a.example"
 PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "PUT",
              "Access-Control-Request-Headers": "authorization, content-type, if-match, if-none-match"}
-ALLOWED_HEADERS = {"authorization", "content-type", "if-match", "if-none-match"}
+ALLOWED_HEADERS = {"authorization", "content-type", "if-match", "if-none-match", "x-request-id"}
 EXPOSED_HEADERS = {"etag", "location", "link", "x-request-id", "retry-after"}
 
 
