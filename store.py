@@ -50,6 +50,12 @@ class Unavailable(Exception):
     """The database cannot be reached (yet); the caller should try again later."""
 
 
+# What PostgreSQL answers while it shuts down, restarts or is out of connections: a 503 to retry,
+# like a lost connection, not a 500.
+UNAVAILABLE = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
+               asyncpg.TooManyConnectionsError)
+
+
 class Refused(Exception):
     """An order line cannot be served: `reason` is "out-of-stock" (with the copies `left`) or
     "not-for-sale" (the book is gone or has no price); `line` is its index in the order as sent."""
@@ -384,7 +390,7 @@ class Store:
             raise
         except asyncpg.UniqueViolationError as error:
             raise Conflict(error.constraint_name.split("_")[1]) from error
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as error:
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, *UNAVAILABLE) as error:
             # The server went away; the pool replaces broken connections once it is back.
             raise Unavailable(f"lost the database: {type(error).__name__}") from error
 

@@ -4036,6 +4036,25 @@ def test_an_app_started_while_the_database_is_down_serves_once_it_comes_up(make_
         assert len(client.get(BOOKS).json()["items"]) == 1
 
 
+@pytest.mark.parametrize("error", [asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                                   asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError])
+def test_postgresql_shutting_down_starting_or_out_of_connections_is_a_503_not_a_500(make_app, monkeypatch, error):
+    """What PostgreSQL answers a query in a restart (57P01-57P03) or when its connections are all
+    taken (53300) is a reason to retry, as a lost connection is."""
+    with throwaway_postgres_database() as name, \
+            TestClient(make_app(database_url=PG_SERVER.rsplit("/", 1)[0] + "/" + name)) as client:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers)
+
+        async def refuse(*args, **kwargs):
+            raise error("the database system is shutting down")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(storage.Store, "_postgres", staticmethod(refuse))
+            assert_unavailable(client.get(f"{BOOKS}/{book['id']}"))
+        assert client.get(f"{BOOKS}/{book['id']}").json() == book
+
+
 def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_a_503_and_reads_go_on(tmp_path):
     """Another process (here a plain sqlite3 connection) holds SQLite's write lock for longer
     than the 5 s busy timeout: the write is answered 503 with Retry-After, not a 500, reads are
