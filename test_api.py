@@ -3912,6 +3912,36 @@ def test_an_unexpected_exception_is_a_500_naming_the_request_id_and_the_tracebac
     assert client.get(BOOKS).status_code == 200
 
 
+def test_a_client_that_leaves_mid_body_is_logged_and_counted_as_499_not_as_a_500(make_app):
+    """The connection closes while the body is being read (uvicorn then sends `http.disconnect`):
+    nothing went wrong in the app, so no traceback and no 500, and there is nobody to answer."""
+    app = make_app()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": USERS, "raw_path": USERS.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "state": {}}
+    messages = iter([{"type": "http.request", "body": b'{"email": "ada@exa', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with logged_lines() as lines:
+        asyncio.run(app(scope, receive, send))
+    assert sent == []
+    assert [line for line in lines if "error" in line] == []
+    assert [(line["path"], line["status"]) for line in lines] == [(USERS, 499)]
+    with TestClient(app) as client:
+        samples = scrape(client)
+    assert value(samples, "http_requests_total", method="POST", route=USERS, status="499") == 1
+    assert value(samples, "http_requests_total", method="POST", route=USERS, status="500") is None
+
+
 class Relay:
     """A TCP relay from a local port to PostgreSQL: a database link a test can cut and restore
     without touching the server, which other suites may be using."""

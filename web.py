@@ -34,7 +34,7 @@ import prometheus_client.multiprocess
 from msgspec import Struct
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -395,6 +395,7 @@ def routes(operations: Iterable[Operation]) -> list[Route]:
 # Pure ASGI middleware, not BaseHTTPMiddleware: it runs on every request, so it has to be cheap.
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+CLIENT_GONE = 499  # the status logged and counted for a client that left mid-request (nginx's)
 log = logging.getLogger("quire")
 
 
@@ -613,6 +614,8 @@ class RequestMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_headers)
+        except ClientDisconnect:  # gone before its body was read: nobody to answer, nothing went wrong here
+            status = CLIENT_GONE
         finally:
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - started
@@ -656,6 +659,8 @@ class GuardMiddleware:
             return await problem_response(scope, 413, too_large)(scope, receive, send)
         try:
             await self.app(scope, receive_limited, send_tracked)
+        except ClientDisconnect:
+            raise  # not a fault: RequestMiddleware logs it as the client's leaving
         except Exception:
             request_id = scope["state"].get("request_id")
             log_json(request_id=request_id, trace_id=scope["state"].get("trace_id"), error=traceback.format_exc())
