@@ -1662,6 +1662,26 @@ def test_a_mounted_app_registers_with_a_location_under_its_prefix(make_app):
         assert client.get("/shop/healthz").json() == {"status": "ok"}
 
 
+def test_behind_a_server_that_gives_root_path_apart_from_the_path_the_prefix_is_kept(make_app):
+    """Some servers (and Starlette's TestClient) report the prefix in `root_path` without putting
+    it in `path`; Starlette's router accepts both, and so must the middleware's view of paths and
+    the `next` links: no-store on accounts, the strict sign-in limit, the prefix in `next`."""
+    with TestClient(make_app(rate_limit=100, auth_rate_limit=2), root_path="/shop") as client:
+        response = client.post(USERS, json=user_body(email="ada@example.com"))
+        assert response.status_code == 201 and response.headers["cache-control"] == "no-store"
+        assert response.headers["location"] == f"/shop{USERS}/{response.json()['id']}"
+        credentials = {"email": "ada@example.com", "password": PASSWORD}
+        tokens = [client.post(TOKEN, json=credentials) for _ in range(3)]
+        assert [token.status_code for token in tokens] == [200, 200, 429]
+        assert tokens[0].headers["ratelimit-policy"] == '"general";q=100;w=60, "auth";q=2;w=60'
+        headers = bearer(tokens[0].json()["access_token"])
+        for n in range(2):
+            new_book(client, headers, title=f"Book {n}")
+        page = client.get(BOOKS, params={"limit": 1})
+        assert page.json()["next"].startswith(f"/shop{BOOKS}?limit=1&cursor=")
+        assert client.get(page.json()["next"].removeprefix("/shop")).json()["items"][0]["title"] == "Book 1"
+
+
 def test_a_mounted_app_whose_first_request_is_a_refresh_connects_for_it(make_app):
     """A refresh starts with a transaction, not a query: it too must connect (and migrate) first."""
     parent = Starlette(routes=[Mount("/shop", app=make_app())])

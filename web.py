@@ -182,6 +182,15 @@ def prefixed(scope: Scope, path: str) -> str:
     return url_path(scope.get("root_path", "")) + path
 
 
+def route_path(scope: Scope) -> str:
+    """The path as the app's routes see it: without the prefix the app is mounted under. (As
+    Starlette's router finds it: a server may give `root_path` without putting it in `path`.)"""
+    path, root_path = scope["path"], scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path[len(root_path):len(root_path) + 1] in ("", "/"):
+        return path[len(root_path):]
+    return path
+
+
 def media_type(request: Request) -> str:
     """The request body's media type, lower-case, without parameters."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -335,7 +344,8 @@ def next_page(request: Request, query: Struct, cursor: str | None) -> tuple[str 
         return None, {}
     params = {name: getattr(query, name) for name in query.__struct_fields__
               if name != "cursor" and (name == "limit" or name in request.query_params)}
-    url = url_path(request.scope["path"]) + "?" + urlencode({**params, "cursor": cursor})  # with any mount prefix
+    path = prefixed(request.scope, url_path(route_path(request.scope)))  # with any mount prefix
+    url = path + "?" + urlencode({**params, "cursor": cursor})
     return url, {"Link": f'<{url}>; rel="next"'}
 
 
@@ -454,11 +464,6 @@ def log_to_stderr() -> None:
         log.addHandler(JSONLines())
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-def route_path(scope: Scope) -> str:
-    """The path as the app's routes see it: without the prefix the app is mounted under."""
-    return scope["path"][len(scope.get("root_path", "")):]
 
 
 # Metrics and trace context, made in the outermost layer so that they see every request, a 429 or
