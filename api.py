@@ -691,21 +691,29 @@ async def changeable_book(request: Request) -> storage.Row:
 
 
 def expected_version(request: Request, row: storage.Row, what: str = "book") -> int | None:
-    """The version a write must find (compare-and-set), if the client sent If-Match; 412 when
-    the book (or order) has already moved on."""
-    header = request.headers.get("if-match")
-    if header is None:
-        return None
-    if not etag_matches(header, etag(row), weak=False):
-        raise HTTPProblem(412, f"The {what} has changed: its ETag is now {etag(row)}.")
-    return row["version"]
-
-
-def not_modified(request: Request, row: storage.Row) -> Response | None:
-    """304 when `If-None-Match` names the row's current ETag: the client's copy is current."""
+    """A write's preconditions (RFC 9110 §13.1): 412 when If-Match names none of the row's
+    ETags, or If-None-Match names it (`*`: it exists). The version the write must then find
+    (compare-and-set) when If-Match named it; None when any version will do."""
+    current = etag(row)
+    if_match = request.headers.get("if-match")
+    if if_match is not None and not etag_matches(if_match, current, weak=False):
+        raise HTTPProblem(412, f"The {what} has changed: its ETag is now {current}.")
     if_none_match = request.headers.get("if-none-match")
-    if if_none_match and etag_matches(if_none_match, etag(row), weak=True):
-        return Response(status_code=304, headers={"ETag": etag(row)})
+    if if_none_match is not None and etag_matches(if_none_match, current, weak=True):
+        raise HTTPProblem(412, f"The {what} exists with ETag {current}, which If-None-Match excludes.")
+    return None if if_match is None or if_match.strip() == "*" else row["version"]
+
+
+def not_modified(request: Request, row: storage.Row, what: str = "book") -> Response | None:
+    """A read's preconditions: 412 when If-Match names none of the row's ETags; 304 when
+    If-None-Match names the current one: the client's copy is current."""
+    current = etag(row)
+    if_match = request.headers.get("if-match")
+    if if_match is not None and not etag_matches(if_match, current, weak=False):
+        raise HTTPProblem(412, f"The {what} has changed: its ETag is now {current}.")
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and etag_matches(if_none_match, current, weak=True):
+        return Response(status_code=304, headers={"ETag": current})
     return None
 
 
@@ -867,7 +875,7 @@ async def visible_order(request: Request) -> tuple[storage.Row, storage.Row]:
 async def get_order(request: Request) -> Response:
     """One of your orders (an admin: anyone's), with its ETag; If-None-Match gives 304."""
     _, order = await visible_order(request)
-    return not_modified(request, order) or order_response(order)
+    return not_modified(request, order, "order") or order_response(order)
 
 
 async def list_orders(request: Request) -> Response:
@@ -951,22 +959,22 @@ OPERATIONS = [
     Operation("GET", "/api/v1/books", list_books, "books", (200, BookPage), query=BookQuery, errors=(400, 401)),
     Operation("POST", "/api/v1/books", create_book, "books", (201, Book), BookIn,
               errors=(400, 401, 409, 413, 415, 422), signed_in=True, etag=True, idempotent=True),
-    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 401, 404),
-              etag=True, conditional="If-None-Match"),
+    Operation("GET", "/api/v1/books/{id:int}", get_book, "books", (200, Book), errors=(304, 401, 404, 412),
+              etag=True, conditional=True),
     Operation("PUT", "/api/v1/books/{id:int}", replace_book, "books", (200, Book), BookIn,
-              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional=True),
     Operation("PATCH", "/api/v1/books/{id:int}", patch_book, "books", (200, Book), BookPatch,
-              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional=True),
     Operation("DELETE", "/api/v1/books/{id:int}", delete_book, "books", (204, None),
-              errors=(401, 403, 404, 412), signed_in=True, conditional="If-Match"),
+              errors=(401, 403, 404, 412), signed_in=True, conditional=True),
     Operation("POST", "/api/v1/orders", place_order, "orders", (201, Order), OrderIn,
               errors=(400, 401, 409, 413, 415, 422), signed_in=True, etag=True, idempotent=True),
     Operation("GET", "/api/v1/orders", list_orders, "orders", (200, OrderPage), query=OrderQuery,
               errors=(400, 401), signed_in=True),
-    Operation("GET", "/api/v1/orders/{id:int}", get_order, "orders", (200, Order), errors=(304, 401, 404),
-              signed_in=True, etag=True, conditional="If-None-Match"),
+    Operation("GET", "/api/v1/orders/{id:int}", get_order, "orders", (200, Order), errors=(304, 401, 404, 412),
+              signed_in=True, etag=True, conditional=True),
     Operation("PATCH", "/api/v1/orders/{id:int}", move_order, "orders", (200, Order), OrderMove,
-              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional="If-Match"),
+              errors=(400, 401, 403, 404, 409, 412, 413, 415), signed_in=True, etag=True, conditional=True),
     Operation("POST", "/api/v1/users", register, "users", (201, User), UserIn, errors=(400, 401, 409, 413, 415),
               private=True, strict_limit=True),
     Operation("GET", "/api/v1/users", list_users, "users", (200, UserPage), query=UserQuery,

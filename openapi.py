@@ -101,11 +101,15 @@ def describe_parameters(operation: Operation) -> list[dict[str, Any]]:
             "description": "1–255 visible ASCII characters, optionally as a quoted structured-field string. "
                            "Sent again with the same request, it answers the first answer again instead of "
                            "writing twice; with another request, 422. Kept for a day."})
-    if operation.conditional == "If-None-Match":
-        parameters.append({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}})
-    elif operation.conditional == "If-Match":
-        parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"},
-                           "description": "Only write if the resource still has this ETag (else 412)"})
+    if operation.conditional:  # RFC 9110 §13.1: both preconditions, on reads and on writes
+        read = operation.method == "GET"
+        parameters += [
+            {"name": "If-Match", "in": "header", "schema": {"type": "string"},
+             "description": ("Answer only if the resource still has one of these ETags (else 412)" if read else
+                             "Only write if the resource still has one of these ETags, `*`: any (else 412)")},
+            {"name": "If-None-Match", "in": "header", "schema": {"type": "string"},
+             "description": ("304 when your copy's ETag is among these: it is current" if read else
+                             "Do not write if the resource has one of these ETags, `*`: any (else 412)")}]
     return parameters
 
 

@@ -2201,6 +2201,35 @@ def test_a_write_whose_if_match_does_not_match_is_412_and_changes_nothing(client
     assert current(client, book["id"]) == (book, etag)
 
 
+@pytest.mark.parametrize("method, body, if_none_match", [
+    (*WRITES[0].values, "*"), (*WRITES[1].values, "{tag}"), (*WRITES[2].values, '"stale", W/{tag}')],
+    ids=["PUT-star", "PATCH-tag", "DELETE-weak-list"])
+def test_a_write_whose_if_none_match_names_the_book_is_412_and_changes_nothing(client, method, body, if_none_match):
+    """If-None-Match on a write (RFC 9110 §13.1.2): `*` means "only if it does not exist yet",
+    a tag "only if it is no longer this one"; compared weakly."""
+    _, headers = signed_in_user(client)
+    book, etag = new_book(client, headers)
+    response = send(client, method, f"{BOOKS}/{book['id']}", body,
+                    headers={**headers, "If-None-Match": if_none_match.format(tag=etag)})
+    assert_problem(response, 412, "If-None-Match")
+    assert current(client, book["id"]) == (book, etag)
+    elsewhere = send(client, method, f"{BOOKS}/{book['id']}", body, headers={**headers, "If-None-Match": '"1.99"'})
+    assert elsewhere.status_code == (204 if method == "DELETE" else 200), elsewhere.text
+
+
+def test_a_read_whose_if_match_names_another_etag_is_412(client):
+    _, headers = signed_in_user(client)
+    book, etag = new_book(client, headers)
+    assert_problem(client.get(f"{BOOKS}/{book['id']}", headers={"If-Match": '"nope"'}), 412, etag)
+    for if_match in (etag, "*", f'"nope", {etag}'):
+        response = client.get(f"{BOOKS}/{book['id']}", headers={"If-Match": if_match})
+        assert response.status_code == 200 and response.json() == book
+    order = place(client, headers, (new_book(client, headers, price_cents=100, stock=1)[0]["id"], 1))
+    order_url = order.headers["location"]
+    assert_problem(client.get(order_url, headers={**headers, "If-Match": '"nope"'}), 412, "order")
+    assert client.get(order_url, headers={**headers, "If-Match": order.headers["etag"]}).status_code == 200
+
+
 # == Which error answers first ====================================================================
 # The contract's order: 413, 415, 401, 404, 403, 400, 412, 409.
 

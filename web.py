@@ -75,7 +75,8 @@ HTTP_KINDS = [
     Kind("not-found", 404, "Not found", "There is no such resource or route; check the URL."),
     Kind("method-not-allowed", 405, "Method not allowed", "Use one of the methods that `Allow` lists."),
     Kind("version-mismatch", 412, "The resource has changed",
-         "Your `If-Match` is out of date: GET the resource again, redo your change on it, and send it with the new ETag."),
+         "Your `If-Match` is out of date: GET the resource again, redo your change on it, and send it with the new ETag. "
+         "(On a write with `If-None-Match`: the resource exists, or still has the ETag you named.)"),
     Kind("too-large", 413, "The body is too large", "Send a smaller body."),
     Kind("unsupported-media-type", 415, "Unsupported media type",
          "Send the body as `application/json` (or `application/merge-patch+json` for PATCH)."),
@@ -369,7 +370,7 @@ class Operation:
     media_type: str = JSON  # of the success body
     form: Any = None  # the Struct of an `application/x-www-form-urlencoded` body it also takes
     etag: bool = False  # the success answer carries an ETag
-    conditional: str | None = None  # the precondition header it honours: If-None-Match or If-Match
+    conditional: bool = False  # honours If-Match and If-None-Match against the ETag (RFC 9110 §13.1)
     private: bool = False  # `Cache-Control: no-store` on every answer here and below (accounts, credentials)
     counted: bool = True  # counted by the rate limits (probes and docs are not)
     strict_limit: bool = False  # also counted by the strict per-route limit (signing in, signing up)
