@@ -46,7 +46,8 @@ import openapi
 import store as storage
 import web
 from web import (FORM, JSON, MERGE_PATCH, HTTPProblem, Kind, Operation, app_path, decode, encoder, etag_matches,
-                 idempotency_key, json_response, parse_query, path_id, problem_response, read_cursor, read_json)
+                 idempotency_key, json_response, no_query, parse_query, path_id, problem_response, read_cursor,
+                 read_json)
 
 # == Configuration ================================================================================
 
@@ -440,6 +441,7 @@ async def register(request: Request) -> Response:
     """Create an account; the response's Location is the new user."""
     body = await read_json(request)
     await check_presented_token(request)
+    no_query(request)
     credentials = decode(body, UserIn)
     password_hash = await auth.hash_password(credentials.password)
     user = await quire(request).store.create_user(
@@ -488,7 +490,7 @@ async def issue_token(request: Request) -> Response:
     or `refresh_token`) or the OAuth 2.0 form (`grant_type=password` or `refresh_token`). Each
     refresh spends its refresh token and answers the next one; a spent one sent again revokes
     its whole session."""
-    body = await read_json(request, JSON, FORM)
+    body = await read_json(request, JSON, FORM)  # a query string is ignored, as RFC 6749 §3.2 says
     oauth = web.media_type(request) == FORM
     email, password, refresh_token = oauth_grant(body) if oauth else json_grant(body)
     app = quire(request)
@@ -558,6 +560,7 @@ async def logout(request: Request) -> Response:
     """Revoke the token this request carries and its session (its refresh token, and every
     access token of the session), for every worker sharing the database."""
     await signed_in(request)
+    no_query(request)
     claims, store = request.state.claims, quire(request).store
     await store.revoke_token(claims["jti"], int(claims["exp"]) + auth.LEEWAY_SECONDS)
     if "sid" in claims:
@@ -570,6 +573,7 @@ async def change_password(request: Request) -> Response:
     refused from then on; a wrong `current_password` is 403 and counts as a failed sign-in."""
     body = await read_json(request)
     user = await signed_in(request)
+    no_query(request)
     change = decode(body, PasswordChange)
     await check_password(request, user["email"], change.current_password,
                          HTTPProblem(403, "The current password is wrong."))
@@ -585,7 +589,9 @@ async def change_password(request: Request) -> Response:
 
 async def me(request: Request) -> Response:
     """The signed-in user."""
-    return json_response(msgspec.convert(await signed_in(request), User))
+    user = await signed_in(request)
+    no_query(request)
+    return json_response(msgspec.convert(user, User))
 
 
 async def get_user(request: Request) -> Response:
@@ -598,6 +604,7 @@ async def get_user(request: Request) -> Response:
     user = await quire(request).store.get_user(path_id(request))
     if user is None:
         raise HTTPProblem(404, f"There is no user with id {user_id}.")
+    no_query(request)
     return json_response(msgspec.convert(user, User))
 
 
@@ -735,6 +742,7 @@ async def create_book(request: Request) -> Response:
     body = await read_json(request)
     user = await signed_in(request)
     key = idempotency_key(request)
+    no_query(request)
     fields = normalise_isbn(msgspec.structs.asdict(decode(body, BookIn)))
 
     async def create(run: storage.Run | None) -> Response:
@@ -752,12 +760,14 @@ async def get_book(request: Request) -> Response:
     book = await quire(request).store.get_book(path_id(request))
     if book is None:
         raise HTTPProblem(404, f"There is no book with id {request.path_params['id']}.")
+    no_query(request)
     return not_modified(request, book) or book_response(book)
 
 
 async def write_book(request: Request, body: bytes, type_: type[Struct]) -> Response:
     """PUT and PATCH: decode, then one conditional UPDATE; 412 if someone else wrote first."""
     book = await changeable_book(request)
+    no_query(request)
     changes = decode(body, type_)
     fields = {name: value for name, value in msgspec.structs.asdict(changes).items() if value is not UNSET}
     fields = normalise_isbn(fields)
@@ -790,6 +800,7 @@ async def patch_book(request: Request) -> Response:
 async def delete_book(request: Request) -> Response:
     """Delete a book (owner or admin); its id is never used again."""
     book = await changeable_book(request)
+    no_query(request)
     version = expected_version(request, book)
     if not await quire(request).store.delete_book(book["id"], version=version):
         raise await lost_race(request, book["id"])
@@ -836,6 +847,7 @@ async def place_order(request: Request) -> Response:
     body = await read_json(request)
     buyer = await signed_in(request)
     key = idempotency_key(request)
+    no_query(request)
     lines = order_lines(decode(body, OrderIn))
     app = quire(request)
     placed = False  # set when this request, not an earlier one with its key, placed the order
@@ -875,6 +887,7 @@ async def visible_order(request: Request) -> tuple[storage.Row, storage.Row]:
 async def get_order(request: Request) -> Response:
     """One of your orders (an admin: anyone's), with its ETag; If-None-Match gives 304."""
     _, order = await visible_order(request)
+    no_query(request)
     return not_modified(request, order, "order") or order_response(order)
 
 
@@ -899,6 +912,7 @@ async def move_order(request: Request) -> Response:
     may only cancel; an admin may make every move. Cancelling puts the stock back."""
     body = await read_json(request, JSON, MERGE_PATCH)
     user, order = await visible_order(request)
+    no_query(request)
     to_status = decode(body, OrderMove).status
     if not auth.can_move_order(user, order, to_status):
         raise HTTPProblem(403, "A buyer may only cancel an order; an admin moves it on.")
@@ -925,6 +939,7 @@ async def describe_problem(request: Request) -> Response:
     kind = KINDS.get(request.path_params["kind"])
     if kind is None:
         raise HTTPProblem(404, f"There is no kind of problem called {request.path_params['kind']!r}.")
+    no_query(request)
     return json_response(ProblemKind(type=app_path(request, f"/problems/{kind.name}"), title=kind.title,
                                      status=kind.status, description=kind.advice))
 
@@ -934,11 +949,13 @@ async def describe_problem(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """The process is up; the database is not consulted."""
+    no_query(request)
     return json_response(Status(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
     """The database answers a query (503 while it does not)."""
+    no_query(request)
     await quire(request).store.ping()
     return json_response(Status(status="ready"))
 
@@ -946,6 +963,7 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics, in the text format (or OpenMetrics, if the scraper's Accept asks for it).
     Served without the database; keep it from the public internet at the proxy."""
+    no_query(request)
     body, media_type = quire(request).metrics.exposition(request.headers.get("accept", ""))
     return Response(body, media_type=media_type)
 

@@ -74,7 +74,8 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
         success["headers"] = headers
     responses = {str(status): success}
     problem = {"application/problem+json": {"schema": ref(Problem)}}
-    for error in sorted({*operation.errors, 500, *((429, 503) if operation.counted else ())}):
+    # 400 on every operation: each refuses query parameters it does not take.
+    for error in sorted({*operation.errors, 400, 500, *((429, 503) if operation.counted else ())}):
         responses[str(error)] = ({"description": "Not Modified: your copy is current"} if error == 304 else
                                  {"description": HTTPStatus(error).phrase, "content": problem})
     return responses

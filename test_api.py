@@ -3449,6 +3449,76 @@ def test_the_document_lists_every_kind_as_a_problem_type():
         assert schema["enum"] == [f"{prefix}/problems/{name}" for name in api.KINDS]
 
 
+# == Query strings where none is taken =============================================================
+# Every operation without query parameters of its own refuses any (the contract: unknown query
+# parameters are 400), at the point of its other 400s, so 401, 404 and 403 still answer first.
+
+NO_QUERY_REQUESTS = [  # (method, path, body); {book}, {order}, {user} are filled in
+    ("POST", BOOKS, book_fields(title="Never made")),
+    ("GET", f"{BOOKS}/{{book}}", None),
+    ("PUT", f"{BOOKS}/{{book}}", book_fields(title="Never replaced")),
+    ("PATCH", f"{BOOKS}/{{book}}", {"pages": 1}),
+    ("DELETE", f"{BOOKS}/{{book}}", None),
+    ("POST", "/api/v1/orders", {"items": [{"book_id": "{book}", "quantity": 1}]}),
+    ("GET", "/api/v1/orders/{order}", None),
+    ("PATCH", "/api/v1/orders/{order}", {"status": "cancelled"}),
+    ("POST", USERS, {"email": "never@example.com", "name": "Never", "password": PASSWORD}),
+    ("GET", ME, None),
+    ("POST", f"{ME}/password", {"current_password": PASSWORD, "new_password": "never this one"}),
+    ("GET", f"{USERS}/{{user}}", None),
+    ("POST", LOGOUT, None),
+    ("GET", "/healthz", None),
+    ("GET", "/readyz", None),
+    ("GET", "/metrics", None),
+    ("GET", "/problems/validation", None),
+]
+
+
+def test_every_operation_without_query_parameters_refuses_one_and_does_nothing(client):
+    user, headers = signed_in_user(client)
+    book, etag = new_book(client, headers, price_cents=100, stock=5)
+    order = client.post("/api/v1/orders", json={"items": [{"book_id": book["id"], "quantity": 1}]}, headers=headers)
+    names = {"book": book["id"], "order": order.json()["id"], "user": user["id"]}
+    before = current(client, book["id"])
+    for method, path, body in NO_QUERY_REQUESTS:
+        if body is not None:
+            body = json.loads(json.dumps(body).replace('"{book}"', str(book["id"])))
+        response = send(client, method, path.format(**names) + "?bogus=1", body, headers=headers)
+        assert_bad_parameter(response, "bogus", "Object contains unknown field `bogus`")
+    assert current(client, book["id"]) == before
+    assert [item["id"] for item in client.get(BOOKS).json()["items"]] == [book["id"]]
+    assert client.get(f"/api/v1/orders/{names['order']}", headers=headers).json()["status"] == "placed"
+    assert client.get(ME, headers=headers).status_code == 200  # not logged out, password unchanged
+    assert client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}).status_code == 200
+    assert_unauthorized(client.post(TOKEN, json={"email": "never@example.com", "password": PASSWORD}))
+    # The list covers every operation that takes no query, but the token endpoint (next test).
+    covered = {(method, re.sub(r"\{\w+\}", "{}", path)) for method, path, _ in NO_QUERY_REQUESTS}
+    expected = {(op.method, re.sub(r"\{[\w:]+\}", "{}", op.path).replace("/problems/{}", "/problems/validation"))
+                for op in api.OPERATIONS if op.query is None and op.handler is not api.issue_token}
+    assert covered == expected
+
+
+def test_the_token_endpoint_ignores_a_query_string_as_rfc_6749_says(client):
+    user = register(client)
+    response = client.post(f"{TOKEN}?bogus=1", json={"email": user["email"], "password": PASSWORD})
+    assert response.status_code == 200 and response.json()["access_token"]
+
+
+@pytest.mark.parametrize("who, method, target, status", [
+    ("nobody", "POST", "orders", 401), ("nobody", "GET", "me", 401), ("owner", "GET", "missing", 404),
+    ("other", "PATCH", "book", 403), ("other", "DELETE", "book", 403), ("other", "GET", "owner", 403)])
+def test_a_query_parameter_where_none_is_taken_answers_after_401_404_and_403(client, who, method, target, status):
+    owner, owner_headers = signed_in_user(client)
+    _, other_headers = signed_in_user(client)
+    book, _ = new_book(client, owner_headers)
+    path = {"orders": "/api/v1/orders", "me": ME, "missing": f"{BOOKS}/424242", "book": f"{BOOKS}/{book['id']}",
+            "owner": f"{USERS}/{owner['id']}"}[target]
+    headers = {"nobody": {}, "owner": owner_headers, "other": other_headers}[who]
+    body = {"items": [{"book_id": book["id"], "quantity": 1}]} if target == "orders" else (
+        {"pages": 1} if method == "PATCH" else None)
+    assert_problem(send(client, method, path + "?bogus=1", body, headers=headers), status)
+
+
 # == Operations: limits, CORS, faults, durability, embedding =======================================
 
 BOOK = {"title": "Clean Code", "author": "Robert C. Martin"}

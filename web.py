@@ -242,6 +242,17 @@ def parse_query(request: Request, type_: type[T]) -> T:
         raise invalid_parameter(name, re.sub(r" - at `.*`$", "", message)) from None
 
 
+class NoQuery(Struct, forbid_unknown_fields=True):
+    """The query string of an operation that takes none: any parameter in it is unknown."""
+
+
+def no_query(request: Request) -> None:
+    """For an operation without a query Struct: 400 naming the first parameter, if any was sent.
+    Its handler calls it where its other 400s would come (after 401, 404, 403)."""
+    if request.scope["query_string"]:
+        parse_query(request, NoQuery)
+
+
 def path_id(request: Request) -> int:
     """The `{id}` in the path; an id no row can have (0, or past 64 bits) is simply not found."""
     value = request.path_params["id"]
@@ -365,7 +376,7 @@ class Operation:
     ok: tuple[int, Any]  # the success status and the type of its body (None: no body)
     body: Any = None  # the request body's Struct
     query: Any = None  # the query string's Struct
-    errors: tuple[int, ...] = ()  # the statuses it may answer besides `ok` (500 always; 429, 503 if counted)
+    errors: tuple[int, ...] = ()  # the statuses it may answer besides `ok` (400 and 500 always; 429, 503 if counted)
     signed_in: bool = False  # needs a bearer token
     media_type: str = JSON  # of the success body
     form: Any = None  # the Struct of an `application/x-www-form-urlencoded` body it also takes
