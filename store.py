@@ -440,10 +440,10 @@ class Store:
                     try:
                         await writer.execute("BEGIN IMMEDIATE")
                         yield functools.partial(self._sqlite, self._writer)
+                        await writer.execute("COMMIT")
                     except BaseException:
                         await self._roll_back(writer)
                         raise
-                    await writer.execute("COMMIT")
             else:
                 async with self.database.connection() as connection:
                     raw = connection.raw_connection
@@ -452,9 +452,10 @@ class Store:
 
     @staticmethod
     async def _roll_back(writer: Any) -> None:
-        """Roll back SQLite's one writer. Also after a request cancelled while its BEGIN waited for
-        another process's lock: the BEGIN still runs in aiosqlite's thread, and this ROLLBACK runs
-        after it there. Had the BEGIN failed, there is no transaction, and nothing to roll back."""
+        """Roll back SQLite's one writer, which must never be left inside a transaction. Also after
+        a request cancelled while its BEGIN (or COMMIT) waited for another process's lock: that
+        statement still runs in aiosqlite's thread, and this ROLLBACK runs after it there. Had the
+        BEGIN failed, or the COMMIT gone through, there is nothing to roll back."""
         try:
             await writer.execute("ROLLBACK")
         except sqlite3.OperationalError:

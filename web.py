@@ -376,7 +376,7 @@ class Operation:
     ok: tuple[int, Any]  # the success status and the type of its body (None: no body)
     body: Any = None  # the request body's Struct
     query: Any = None  # the query string's Struct
-    errors: tuple[int, ...] = ()  # the statuses it may answer besides `ok` (400 and 500 always; 429, 503 if counted)
+    errors: tuple[int, ...] = ()  # statuses it may answer besides `ok` (400, 500 always; 429, 503 if counted)
     signed_in: bool = False  # needs a bearer token
     media_type: str = JSON  # of the success body
     form: Any = None  # the Struct of an `application/x-www-form-urlencoded` body it also takes
