@@ -562,9 +562,7 @@ async def logout(request: Request) -> Response:
     await signed_in(request)
     no_query(request)
     claims, store = request.state.claims, quire(request).store
-    await store.revoke_token(claims["jti"], int(claims["exp"]) + auth.LEEWAY_SECONDS)
-    if "sid" in claims:
-        await store.end_session(claims["sid"])
+    await store.log_out(claims["jti"], int(claims["exp"]) + auth.LEEWAY_SECONDS, claims.get("sid"))
     return Response(status_code=204)
 
 

@@ -566,12 +566,15 @@ class Store:
             f"FROM users WHERE id = :id",
             {"id": user_id, "jti": jti, "session_id": session_id, "generation": generation})
 
-    async def revoke_token(self, jti: str, expires_at: int) -> None:
-        """Remember a logged-out token until it expires anyway; forget the ones that have."""
+    async def log_out(self, jti: str, expires_at: int, session_id: int | None) -> None:
+        """Remember a logged-out token until it expires anyway (forgetting the ones that have) and
+        end its session, refresh token included, in one transaction: never one without the other."""
         async with self.transaction() as run:
             await run("DELETE FROM revoked_tokens WHERE expires_at < :now", {"now": int(time.time()) - 60})
             await run("INSERT INTO revoked_tokens (jti, expires_at) VALUES (:jti, :exp) "
                       "ON CONFLICT (jti) DO NOTHING", {"jti": jti, "exp": expires_at})
+            if session_id is not None:
+                await run("UPDATE sessions SET revoked = TRUE WHERE id = :id", {"id": session_id})
 
     # -- sessions and refresh tokens --------------------------------------------------------------
 
@@ -618,9 +621,6 @@ class Store:
                                f"s.id AS session_id FROM sessions AS s JOIN users AS u ON u.id = s.user_id "
                                f"WHERE s.id = :id", {"id": session_id})
             return user
-
-    async def end_session(self, session_id: int) -> None:
-        await self.query("UPDATE sessions SET revoked = TRUE WHERE id = :id", {"id": session_id}, write=True)
 
     async def change_password(self, user_id: int, password_hash: str) -> None:
         """Set a new password hash and refuse every token issued before: the user's token

@@ -755,6 +755,34 @@ def test_logout_ends_the_session_its_refresh_token_included(client):
     assert_unauthorized(refresh(client, tokens["refresh_token"]))
 
 
+def test_a_logout_that_fails_halfway_leaves_the_token_and_the_session_as_they_were(client, monkeypatch):
+    """Revoking the token and ending its session are one transaction: a failure in the second
+    step must not leave a revoked access token beside a refresh token that still works."""
+    user = register(client)
+    tokens = sign_in(client, user["email"])
+    real_sqlite, real_postgres = storage.Store._sqlite, storage.Store._postgres
+
+    def failing_on_sessions(sql: str) -> None:
+        if sql.startswith("UPDATE sessions"):
+            raise RuntimeError("the disk is full")
+
+    async def sqlite(self, connection, sql, values):
+        failing_on_sessions(sql)
+        return await real_sqlite(self, connection, sql, values)
+
+    async def postgres(raw, sql, values):
+        failing_on_sessions(sql)
+        return await real_postgres(raw, sql, values)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage.Store, "_sqlite", sqlite)
+        patch.setattr(storage.Store, "_postgres", staticmethod(postgres))
+        assert_problem(client.post(LOGOUT, headers=bearer(tokens["access_token"])), 500)
+    assert client.get(ME, headers=bearer(tokens["access_token"])).status_code == 200
+    assert client.post(LOGOUT, headers=bearer(tokens["access_token"])).status_code == 204
+    assert_unauthorized(refresh(client, tokens["refresh_token"]))
+
+
 # == Changing the password ========================================================================
 
 PASSWORD_URL = "/api/v1/users/me/password"
