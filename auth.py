@@ -146,7 +146,8 @@ def read_token(token: str, key: bytes, *, now: float | None = None) -> dict[str,
 
     Refused: over 8 KB, not three base64url parts, a header other than HS256 (`none` included) or
     with `crit`, a bad signature, duplicate JSON keys, a missing or non-numeric `exp`, expiry
-    beyond the leeway, and `sub` or `jti` that are not strings.
+    beyond the leeway, an `nbf` not yet reached (or not a number), and `sub` or `jti` that are
+    not strings.
     """
     try:
         return _read_token(token, key, time.time() if now is None else now)
@@ -174,6 +175,9 @@ def _read_token(token: str, key: bytes, now: float) -> dict[str, Any]:
         raise InvalidToken("the token has no numeric expiry")
     if now > exp + LEEWAY_SECONDS:
         raise TokenExpired("the token has expired")
+    nbf = claims.get("nbf", now)  # quire issues none; a token that has one is held to it (RFC 7519 §4.1.5)
+    if isinstance(nbf, bool) or not isinstance(nbf, int | float) or now < nbf - LEEWAY_SECONDS:
+        raise InvalidToken("the token is not valid yet")
     if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("jti"), str):
         raise InvalidToken("the token lacks a subject or an id")
     for name in ("sid", "gen"):

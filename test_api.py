@@ -990,6 +990,10 @@ HOSTILE_TOKENS: list[tuple[str, Callable[[bytes, int, str], str]]] = [
     ("duplicate-header-keys", lambda key, uid, good: forge(key, claims(uid), '{"alg":"none","alg":"HS256"}')),
     ("exp-string", lambda key, uid, good: forge(key, claims(uid, exp=str(int(time.time()) + 600)))),
     ("exp-missing", lambda key, uid, good: forge(key, claims(uid, exp=...))),
+    ("nbf-in-a-minute", lambda key, uid, good: forge(key, claims(uid, nbf=int(time.time()) + 60))),
+    ("nbf-in-a-minute-pyjwt", lambda key, uid, good: jwt.encode(claims(uid, nbf=int(time.time()) + 60), key,
+                                                               algorithm="HS256")),
+    ("nbf-string", lambda key, uid, good: forge(key, claims(uid, nbf="0"))),
     ("exp-null", lambda key, uid, good: forge(key, claims(uid, exp=None))),
     ("exp-true", lambda key, uid, good: forge(key, claims(uid, exp=True))),
     ("exp-NaN", lambda key, uid, good: forge(key, f'{{"sub":"{uid}","exp":NaN,"jti":"j"}}')),
@@ -1069,6 +1073,15 @@ def test_read_token_allows_30_seconds_of_leeway_and_no_more():
     assert auth.read_token(token, key, now=made["exp"] + 29)["sub"] == "7"
     with pytest.raises(auth.InvalidToken):
         auth.read_token(token, key, now=made["exp"] + 31)
+
+
+def test_a_token_with_nbf_is_accepted_from_30_seconds_before_it():
+    key, now = b"k" * 64, time.time()
+    token = jwt.encode(claims(7, nbf=int(now) + 60), key, algorithm="HS256")
+    assert auth.read_token(token, key, now=now + 31)["sub"] == "7"
+    assert auth.read_token(token, key, now=now + 300)["sub"] == "7"
+    with pytest.raises(auth.InvalidToken, match="not valid yet"):
+        auth.read_token(token, key, now=now + 29)
 
 
 def test_a_token_expired_within_the_leeway_is_still_accepted(client):
