@@ -695,16 +695,27 @@ async def changeable_book(request: Request) -> storage.Row:
     return book
 
 
-def expected_version(request: Request, row: storage.Row, what: str = "book") -> int | None:
-    """A write's preconditions (RFC 9110 §13.1): 412 when If-Match names none of the row's
-    ETags, or If-None-Match names it (`*`: it exists). The version the write must then find
-    (compare-and-set) when If-Match named it; None when any version will do."""
-    current = etag(row)
+def checked_if_match(request: Request, current: str, what: str) -> str | None:
+    """The If-Match header, once checked (RFC 9110 §13.1.1): 412 when it names none of the
+    resource's current ETags, on a read as on a write."""
     if_match = request.headers.get("if-match")
     if if_match is not None and not etag_matches(if_match, current, weak=False):
         raise HTTPProblem(412, f"The {what} has changed: its ETag is now {current}.")
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and etag_matches(if_none_match, current, weak=True):
+    return if_match
+
+
+def if_none_match_names(request: Request, current: str) -> bool:
+    """If-None-Match names the current ETag, or is `*` (RFC 9110 §13.1.2; compared weakly)."""
+    return etag_matches(request.headers.get("if-none-match", ""), current, weak=True)
+
+
+def expected_version(request: Request, row: storage.Row, what: str = "book") -> int | None:
+    """A write's preconditions: 412 when If-Match names none of the row's ETags, or
+    If-None-Match names it (`*`: it exists). The version the write must then find
+    (compare-and-set) when If-Match named it; None when any version will do."""
+    current = etag(row)
+    if_match = checked_if_match(request, current, what)
+    if if_none_match_names(request, current):
         raise HTTPProblem(412, f"The {what} exists with ETag {current}, which If-None-Match excludes.")
     return None if if_match is None or if_match.strip() == "*" else row["version"]
 
@@ -713,11 +724,8 @@ def not_modified(request: Request, row: storage.Row, what: str = "book") -> Resp
     """A read's preconditions: 412 when If-Match names none of the row's ETags; 304 when
     If-None-Match names the current one: the client's copy is current."""
     current = etag(row)
-    if_match = request.headers.get("if-match")
-    if if_match is not None and not etag_matches(if_match, current, weak=False):
-        raise HTTPProblem(412, f"The {what} has changed: its ETag is now {current}.")
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match and etag_matches(if_none_match, current, weak=True):
+    checked_if_match(request, current, what)
+    if if_none_match_names(request, current):
         return Response(status_code=304, headers={"ETag": current})
     return None
 
