@@ -4268,6 +4268,37 @@ def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_a_503_and_reads_go_on
         assert client.post(BOOKS, json=book_fields(title="Blocked"), headers=headers).status_code == 201
 
 
+def test_a_write_while_another_process_briefly_holds_sqlites_write_lock_waits_for_it(tmp_path):
+    """Single writes run on the event loop's own connection, which never waits for a lock with the
+    loop stopped: while another process writes, the statement goes to the writer's thread and
+    waits there (the busy timeout), and the loop serves reads meanwhile."""
+    path = tmp_path / "briefly-locked.db"
+    app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{path}", rate_limit=0)
+    with TestClient(app) as client:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers)
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.5, lambda: other.execute("ROLLBACK"))
+        release.start()
+        try:
+            started = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(client.post, BOOKS, json=book_fields(title="Waited"), headers=headers)
+                time.sleep(0.2)
+                assert client.get(f"{BOOKS}/{book['id']}").json() == book  # the loop is not stopped
+                assert not waiting.done()
+                response = waiting.result()
+            assert response.status_code == 201, response.text
+            assert 0.4 <= time.monotonic() - started < 4.5  # it waited for the lock, not for the timeout
+        finally:
+            release.join()
+            other.close()
+        with contextlib.closing(sqlite3.connect(path)) as reader:
+            assert reader.execute("SELECT title FROM books WHERE id = ?", (response.json()["id"],)).fetchall() \
+                == [("Waited",)]
+
+
 def test_a_write_cancelled_while_waiting_for_sqlites_write_lock_leaves_the_writer_usable(tmp_path):
     """A request cancelled (a shutdown's grace period running out, a parent app's timeout) while
     its BEGIN IMMEDIATE waits for another process's lock must not leave SQLite's one writer inside
