@@ -36,7 +36,6 @@ from starlette.applications import Starlette
 from starlette.config import Config
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -1072,7 +1071,7 @@ def create_app(*, config: Config | None = None, **overrides: Any) -> Starlette:
     middleware = [Middleware(web.RequestMiddleware, metrics=metrics, routes=routes, private=private)]
     if settings.cors_origins:
         middleware.append(Middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins,
+            web.CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key",
                            "traceparent", "X-Request-ID"],

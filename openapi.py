@@ -24,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
-from web import FORM, JSON, MERGE_PATCH, Operation, Problem, app_path, encoder
+from web import FORM, JSON, MERGE_PATCH, Operation, Problem, app_path, encoder, plain_refusals_as_problems
 
 DOCS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title} API</title>
@@ -204,5 +205,18 @@ class Docs:
 
     def asset_routes(self) -> list[BaseRoute]:
         """Swagger UI's own files: routes of the app, not operations of the API."""
-        return [Route("/docs/init.js", self.script),
-                Mount("/docs/assets", StaticFiles(directory=openapi_ui_bundles.swagger_ui.static_path))]
+        files = StaticFiles(directory=openapi_ui_bundles.swagger_ui.static_path)
+
+        async def assets(scope: Scope, receive: Receive, send: Send) -> None:
+            # StaticFiles answers a Range it cannot serve in text/plain; quire's refusals are problems.
+            # Inside the mount, root_path ends in /docs/assets; a problem's type sits under the app's.
+            app_scope = {**scope, "root_path": scope.get("root_path", "").removesuffix("/docs/assets")}
+            await files(scope, receive, plain_refusals_as_problems(app_scope, send, refused_range))
+
+        return [Route("/docs/init.js", self.script), Mount("/docs/assets", assets)]
+
+
+def refused_range(status: int, text: str) -> str:
+    if status == 416:
+        return "The Range starts past the end of the file; Content-Range gives the file's size."
+    return f"The Range header cannot be served: {text}"

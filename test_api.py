@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
@@ -3423,6 +3424,7 @@ def provoke_every_kind(client: TestClient) -> dict[str, Any]:
         "version-mismatch": client.patch(f"{BOOKS}/{book['id']}", json={"pages": 3},
                                          headers={**headers, "If-Match": stale}),
         "too-large": client.post(BOOKS, content=b"x" * 5000, headers={**headers, **JSON_HEADERS}),
+        "range-not-satisfiable": client.get("/docs/assets/swagger-ui.css", headers={"Range": "bytes=99999999-"}),
         "unsupported-media-type": client.post(BOOKS, content=b"{}", headers={**headers, "Content-Type": "text/plain"}),
         "taken": client.post(USERS, json=user_body(email=user["email"])),
         "out-of-stock": place(client, headers, (book["id"], 1)),
@@ -3763,8 +3765,8 @@ def test_rate_limits_are_read_from_the_environment(database_url):
     app = api.create_app(config=api.Config(environ=environ), database_url=database_url)
     with TestClient(app) as client:
         assert client.post(USERS, json=user_body()).status_code == 201
-        assert_problem(client.post(USERS, json=user_body()), 429)
-        assert client.get(BOOKS).status_code == 200
+        assert_problem(client.post(USERS, json=user_body()), 429)  # refused: spends none of the 3
+        assert [client.get(BOOKS).status_code for _ in range(2)] == [200, 200]
         assert_problem(client.get(BOOKS), 429)
     off = api.create_app(config=api.Config(environ={"QUIRE_RATE_LIMIT": "0"}), database_url=database_url)
     with TestClient(off) as client:
@@ -3894,6 +3896,56 @@ def test_the_sign_in_route_lists_both_policies_and_names_the_closer(make_app):
         assert seen[-1][1][1]["t"] == int(response.headers["retry-after"])
 
 
+def test_a_request_one_bucket_refuses_spends_nothing_from_the_other_and_the_refuser_is_named(monkeypatch):
+    """On the strict routes both buckets must allow a request, and a refused request costs
+    nothing: not from the bucket that refused, nor from the other. A 429's `RateLimit` names the
+    bucket that refuses, with the `t` that Retry-After gives. (Driven on a clock of our own.)"""
+    now = [1000.0]
+    monkeypatch.setattr(web, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    async def ok(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def run(limiter, method: str, path: str) -> tuple[int, dict[str, str]]:
+        answer: dict[str, Any] = {}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer.update(status=message["status"],
+                              headers={k.decode(): v.decode() for k, v in message["headers"]})
+        asyncio.run(limiter(asgi_scope(method, path, "192.0.2.7"), receive, send))
+        return answer["status"], answer["headers"]
+
+    def limiter(general: int, auth: int) -> web.RateLimitMiddleware:
+        return web.RateLimitMiddleware(ok, per_minute=general, auth_per_minute=auth, strict=[("POST", TOKEN)])
+
+    # The strict bucket refuses three sign-ins: the general one still has 5 - 2 for the books.
+    strict_refuses = limiter(general=5, auth=2)
+    assert [run(strict_refuses, "POST", TOKEN)[0] for _ in range(5)] == [200, 200, 429, 429, 429]
+    assert [run(strict_refuses, "GET", BOOKS)[0] for _ in range(4)] == [200, 200, 200, 429]
+
+    # The general bucket refuses a sign-in: the strict one keeps its token for later.
+    general_refuses = limiter(general=2, auth=1)
+    assert [run(general_refuses, "GET", BOOKS)[0] for _ in range(2)] == [200, 200]
+    status, headers = run(general_refuses, "POST", TOKEN)
+    assert status == 429 and headers["ratelimit"] == '"general";r=0;t=30' and headers["retry-after"] == "30"
+    now[0] += 30  # a general token is back (2 a minute); the strict bucket was never spent
+    assert run(general_refuses, "POST", TOKEN)[0] == 200
+
+    # The strict bucket refuses while the general one, refilled to 1.17, would be lower after a spend.
+    named = limiter(general=10, auth=2)
+    assert [run(named, "POST", TOKEN)[0] for _ in range(2)] + [run(named, "GET", BOOKS)[0] for _ in range(8)] \
+        == [200] * 10
+    now[0] += 7  # general: 7/6 = 1.17 tokens; auth: 7/30 = 0.23
+    status, headers = run(named, "POST", TOKEN)
+    assert status == 429 and headers["retry-after"] == "23"  # (1 - 7/30) * 30 s, rounded up
+    assert headers["ratelimit"] == '"auth";r=0;t=23'
+
+
 def test_uncounted_answers_and_an_app_without_limits_carry_no_ratelimit_fields(make_app):
     with TestClient(make_app(rate_limit=100)) as client:
         for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/problems/validation"):
@@ -3951,8 +4003,22 @@ def test_an_unlisted_origin_gets_no_allow_header(make_app):
             assert response.status_code == 200
             assert "access-control-allow-origin" not in response.headers, origin
             preflight = client.options(f"{BOOKS}/1", headers={**PREFLIGHT, "Origin": origin})
-            assert preflight.status_code == 400
+            assert_problem(preflight, 400, "The CORS preflight is refused; not allowed here: origin.")
             assert "access-control-allow-origin" not in preflight.headers, origin
+
+
+def test_a_refused_preflight_is_a_problem_naming_what_is_not_allowed(make_app):
+    """Starlette's CORS layer answers a refused preflight in text/plain; quire's refusals are all
+    problems. The CORS headers it would have sent stay, so a browser can read the answer."""
+    with TestClient(make_app(cors_origins=ORIGIN)) as client:
+        asked = {**PREFLIGHT, "Access-Control-Request-Method": "TRACE", "Access-Control-Request-Headers": "x-secret"}
+        response = client.options(f"{BOOKS}/1", headers=asked)
+        body = assert_problem(response, 400, "The CORS preflight is refused; not allowed here: method, headers.")
+        assert body["type"] == "/problems/validation"
+        assert response.headers["access-control-allow-origin"] == ORIGIN
+        assert "origin" in header_items(response, "vary")
+        assert response.headers["x-request-id"] and int(response.headers["content-length"]) == len(response.content)
+        assert client.options(f"{BOOKS}/1", headers=PREFLIGHT).status_code == 200  # the allowed one still passes
 
 
 def test_a_rate_limited_cross_origin_request_can_read_its_retry_after(make_app):
@@ -5514,6 +5580,22 @@ def test_the_docs_page_loads_only_the_apps_own_files_under_its_prefix(make_app, 
             assert len(asset.content) > 100 or url.endswith("init.js"), url
         assert client.get(f"{prefix}/openapi.json").json()["servers"] == [{"url": prefix or "/"}]
         assert client.get(f"{prefix}/docs/assets/nope.js").status_code == 404
+
+
+def test_a_range_the_docs_files_cannot_serve_is_a_problem(client):
+    """StaticFiles answers a bad or unsatisfiable `Range` in text/plain; here it is a problem, with
+    the Content-Range that says the file's size. A good range is still served."""
+    url = "/docs/assets/swagger-ui.css"
+    size = len(client.get(url).content)
+    part = client.get(url, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and len(part.content) == 10
+    beyond = client.get(url, headers={"Range": f"bytes={size + 10}-"})
+    body = assert_problem(beyond, 416, "The Range starts past the end of the file")
+    assert body["type"] == "/problems/range-not-satisfiable"
+    assert beyond.headers["content-range"] == f"bytes */{size}"
+    assert beyond.headers["x-content-type-options"] == "nosniff"
+    bad = client.get(url, headers={"Range": "items=0-9"})
+    assert_problem(bad, 400, "The Range header cannot be served: Only support bytes range")
 
 
 def test_the_docs_page_needs_no_other_host():

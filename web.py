@@ -34,6 +34,7 @@ import prometheus_client.multiprocess
 from msgspec import Struct
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware import cors
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
@@ -80,6 +81,8 @@ HTTP_KINDS = [
     Kind("too-large", 413, "The body is too large", "Send a smaller body."),
     Kind("unsupported-media-type", 415, "Unsupported media type",
          "Send the body as `application/json` (or `application/merge-patch+json` for PATCH)."),
+    Kind("range-not-satisfiable", 416, "Range not satisfiable",
+         "Ask for bytes within the file, whose size `Content-Range` gives, or send no `Range`."),
     Kind("rate-limited", 429, "Too many requests",
          "Wait the seconds that `Retry-After` gives, then retry; `RateLimit` says how close you are."),
     Kind("internal", 500, "Internal error",
@@ -161,6 +164,44 @@ async def on_http_exception(request: Request, error: HTTPException) -> Response:
     detail = {404: f"No route matches {request.url.path}.",
               405: f"{request.method} is not allowed on {request.url.path}."}.get(error.status_code, error.detail)
     return problem_response(request.scope, error.status_code, detail, headers=error.headers)
+
+
+def plain_refusals_as_problems(scope: Scope, send: Send, describe: Callable[[int, str], str]) -> Send:
+    """`send`, with a text/plain refusal turned into a problem whose detail is `describe(status,
+    text)`: for the parts of Starlette that answer so themselves (a refused CORS preflight, a bad
+    `Range` on a static file), so that a client meets one format for every refusal."""
+    refusal: Message | None = None
+
+    async def send_as_problem(message: Message) -> None:
+        nonlocal refusal
+        if message["type"] == "http.response.start" and message["status"] >= 400 and any(
+                name == b"content-type" and value.startswith(b"text/plain") for name, value in message["headers"]):
+            refusal = message  # held back until its body says why
+            return
+        if refusal is None:
+            return await send(message)
+        status, text = refusal["status"], message.get("body", b"").decode(errors="replace")
+        kept = {name.decode(): value.decode("latin-1") for name, value in refusal["headers"]
+                if name not in (b"content-type", b"content-length")}  # e.g. Content-Range, Vary
+        problem = problem_response(scope, status, describe(status, text), headers=kept)
+        await send({"type": "http.response.start", "status": status, "headers": problem.raw_headers})
+        await send({"type": "http.response.body", "body": problem.body})
+
+    return send_as_problem
+
+
+class CORSMiddleware(cors.CORSMiddleware):
+    """Starlette's CORS layer, with a refused preflight answered as a problem, not text/plain."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            send = plain_refusals_as_problems(scope, send, self.refused)
+        await super().__call__(scope, receive, send)
+
+    @staticmethod
+    def refused(status: int, text: str) -> str:
+        # Starlette says "Disallowed CORS origin, headers": what the preflight asked for that is not allowed.
+        return f"The CORS preflight is refused; not allowed here: {text.removeprefix('Disallowed CORS ')}."
 
 
 # == Reading requests, writing answers ============================================================
@@ -699,25 +740,23 @@ class TokenBuckets:
         self.capacity, self.rate, self.max_clients = per_minute, per_minute / 60, max_clients
         self.buckets: collections.OrderedDict[Any, tuple[float, float]] = collections.OrderedDict()
 
-    def take(self, client: Any, now: float) -> tuple[float, float]:
-        """Spend one token: (the tokens left, 0) when allowed, else (the tokens left, the seconds
-        until a token is back)."""
-        tokens, last = self.buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        allowed = tokens >= 1
-        if allowed:
-            tokens -= 1
+    def level(self, client: Any, now: float) -> float:
+        """The tokens `client` has at `now`: what it had, refilled since."""
+        tokens, last = self.buckets.get(client, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.rate)
+
+    def keep(self, client: Any, tokens: float, now: float) -> None:
+        self.buckets.pop(client, None)
         self.buckets[client] = (tokens, now)  # (re)inserted last: the most recently seen
         if len(self.buckets) > self.max_clients:
             self.buckets.popitem(last=False)
-        return tokens, 0.0 if allowed else (1 - tokens) / self.rate
 
-    def standing(self, name: str, tokens: float) -> bytes:
-        """The `RateLimit` item for a client with `tokens` left: `r`, the requests it may still
-        make, and `t`, the seconds until its bucket is full again, or, with none left, until the
-        next request is allowed (a 429's Retry-After)."""
+    def standing(self, tokens: float) -> tuple[int, int]:
+        """For a client with `tokens` left: `r`, the requests it may still make, and `t`, the
+        seconds until its bucket is full again, or, with none left, until the next request is
+        allowed (a 429's Retry-After)."""
         seconds = (1 - tokens) / self.rate if tokens < 1 else (self.capacity - tokens) / self.rate
-        return f'"{name}";r={int(tokens)};t={math.ceil(seconds)}'.encode()
+        return int(tokens), math.ceil(seconds)
 
 
 class RateLimitMiddleware:
@@ -752,23 +791,29 @@ class RateLimitMiddleware:
             return await self.app(scope, receive, send)
         client = scope["client"][0] if scope.get("client") else None
         now = time.monotonic()
-        tokens, wait = self.general.take(client, now)
-        standing, policy = self.general.standing("general", tokens), self.general_policy
+        buckets = [("general", self.general, client)]
         if (scope["method"], path) in self.strict_routes:
-            strict_tokens, strict_wait = self.strict.take((path, client), now)
-            policy = self.strict_policy
-            if strict_tokens <= tokens:  # the strict bucket is the closer to refusing
-                standing = self.strict.standing("auth", strict_tokens)
-            wait = max(wait, strict_wait)
-        fields = [(b"ratelimit-policy", policy), (b"ratelimit", standing)]
+            buckets.append(("auth", self.strict, (path, client)))
+        levels = [bucket.level(key, now) for _, bucket, key in buckets]
+        allowed = min(levels) >= 1
+        standings = []
+        for (name, bucket, key), level in zip(buckets, levels):
+            left = level - 1 if allowed else level  # a refused request spends from no bucket
+            bucket.keep(key, left, now)
+            standings.append((*bucket.standing(left), name))
+        # The one closest to refusing: the fewest requests left, then the longest wait (on a 429,
+        # the bucket that refuses longest, which Retry-After repeats).
+        remaining, seconds, name = min(standings, key=lambda standing: (standing[0], -standing[1]))
+        policy = self.strict_policy if len(buckets) > 1 else self.general_policy
+        fields = [(b"ratelimit-policy", policy), (b"ratelimit", f'"{name}";r={remaining};t={seconds}'.encode())]
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), *fields]
             await send(message)
 
-        if wait:
+        if not allowed:
             response = problem_response(scope, 429, "Too many requests; slow down and retry after the given seconds.",
-                                        headers={"Retry-After": str(math.ceil(wait))})
+                                        headers={"Retry-After": str(seconds)})
             return await response(scope, receive, send_with_fields)
         await self.app(scope, receive, send_with_fields)
