@@ -635,6 +635,7 @@ async def idempotent(request: Request, user: storage.Row, key: str, body: bytes,
     key_hash = hashlib.sha256(key.encode()).hexdigest()  # a leaked table does not show the keys
     fingerprint = hashlib.sha256(f"{request.method} {request.url.path} ".encode()
                                  + hashlib.sha256(body).digest()).hexdigest()
+    await app.store.purge_expired_keys()
     async with app.store.transaction() as run:
         record = await app.store.claim_key(run, user_id=user["id"], key_hash=key_hash,
                                            fingerprint=fingerprint, ttl=app.settings.idempotency_ttl)

@@ -429,7 +429,7 @@ class Store:
     async def query(self, sql: str, values: dict[str, Any] | None = None, *,
                     write: bool = False, scan: bool = False) -> list[Row]:
         """Run one statement and return its rows; `write=True` for anything that changes data,
-        `scan=True` for a statement that no index bounds (it runs in a thread, off the loop)."""
+        `scan=True` for one whose cost no index bounds to a page (it runs in a thread, off the loop)."""
         if not self._connected:
             await self.connect()
         values = values or {}
@@ -465,11 +465,22 @@ class Store:
             yield run
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Run]:
-        """`transaction()` without connecting first: what `migrate` runs in, while connecting."""
+    async def _transaction(self, *, on_loop: bool = True) -> AsyncIterator[Run]:
+        """`transaction()` without connecting first: what `migrate` runs in, while connecting.
+
+        On SQLite it runs on the loop's writer, as single writes do, unless `on_loop` is False or
+        another process holds the write lock: then on the writer's thread, which waits for it."""
         with self._errors():
             if self.is_sqlite:
                 async with self._write_lock:
+                    if on_loop and self._begin_on_loop():
+                        try:
+                            yield self._run_on_loop
+                            self._loop_writer.execute("COMMIT")
+                        finally:
+                            if self._loop_writer.in_transaction:  # the block raised, or COMMIT did
+                                self._loop_writer.execute("ROLLBACK")
+                        return
                     writer = self._writer.raw_connection
                     try:
                         await writer.execute("BEGIN IMMEDIATE")
@@ -483,6 +494,23 @@ class Store:
                     raw = connection.raw_connection
                     async with raw.transaction():
                         yield functools.partial(self._postgres, raw)
+
+    def _begin_on_loop(self) -> bool:
+        """`BEGIN IMMEDIATE` on the loop's writer; False when there is none, or when another process
+        holds the write lock (it does not wait: the writer's thread does)."""
+        if self._loop_writer is None:
+            return False
+        try:
+            self._loop_writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                return False
+            raise
+        return True
+
+    async def _run_on_loop(self, sql: str, values: dict[str, Any]) -> list[Row]:
+        """A transaction's `run` on the loop's writer: it holds the write lock, so nothing waits."""
+        return self._on_loop(self._loop_writer, sql, values)
 
     @staticmethod
     async def _roll_back(writer: Any) -> None:
@@ -506,7 +534,8 @@ class Store:
         work done.
         """
         name = "sqlite" if self.is_sqlite else "postgresql"
-        async with self._transaction() as run:
+        # On the writer's thread: a migration may rebuild an index over the whole catalogue.
+        async with self._transaction(on_loop=False) as run:
             if not self.is_sqlite:
                 await run("SELECT pg_advisory_xact_lock(:key)", {"key": 7_165_017})
             await run("CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -859,6 +888,15 @@ class Store:
 
     # -- idempotency keys ------------------------------------------------------------------------
 
+    async def purge_expired_keys(self) -> None:
+        """Forget every expired key, at most every ten minutes. In a statement of its own, on the
+        writer's thread (`scan`): after a busy day they may be many, and the loop would wait."""
+        now = int(time.time())
+        if now - self._last_purge >= 600:
+            self._last_purge = now
+            await self.query("DELETE FROM idempotency_keys WHERE expires_at <= :now", {"now": now},
+                             write=True, scan=True)
+
     async def claim_key(self, run: Run, *, user_id: int, key_hash: str, fingerprint: str,
                         ttl: int) -> Row | None:
         """Write the key first, in the caller's transaction: None when this request now holds it,
@@ -867,15 +905,11 @@ class Store:
         Written first, a concurrent request with the same key waits on this row (PostgreSQL's
         unique index; SQLite's write lock) until the first commits, then finds its response; and a
         crash leaves the key and the write it guards both committed or neither. A key past its
-        expiry is forgotten here; all expired keys are purged at most every ten minutes.
+        expiry is forgotten here; `purge_expired_keys` forgets the others.
         """
         now = int(time.time())
-        if now - self._last_purge >= 600:
-            self._last_purge = now
-            await run("DELETE FROM idempotency_keys WHERE expires_at <= :now", {"now": now})
-        else:
-            await run("DELETE FROM idempotency_keys WHERE user_id = :user_id AND key_hash = :key_hash "
-                      "AND expires_at <= :now", {"user_id": user_id, "key_hash": key_hash, "now": now})
+        await run("DELETE FROM idempotency_keys WHERE user_id = :user_id AND key_hash = :key_hash "
+                  "AND expires_at <= :now", {"user_id": user_id, "key_hash": key_hash, "now": now})
         values = {"user_id": user_id, "key_hash": key_hash}
         if await run("INSERT INTO idempotency_keys (user_id, key_hash, fingerprint, expires_at) "
                      "VALUES (:user_id, :key_hash, :fingerprint, :expires_at) "

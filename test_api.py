@@ -761,7 +761,7 @@ def test_a_logout_that_fails_halfway_leaves_the_token_and_the_session_as_they_we
     step must not leave a revoked access token beside a refresh token that still works."""
     user = register(client)
     tokens = sign_in(client, user["email"])
-    real_sqlite, real_postgres = storage.Store._sqlite, storage.Store._postgres
+    real_sqlite, real_on_loop, real_postgres = storage.Store._sqlite, storage.Store._on_loop, storage.Store._postgres
 
     def failing_on_sessions(sql: str) -> None:
         if sql.startswith("UPDATE sessions"):
@@ -771,12 +771,17 @@ def test_a_logout_that_fails_halfway_leaves_the_token_and_the_session_as_they_we
         failing_on_sessions(sql)
         return await real_sqlite(self, connection, sql, values)
 
+    def on_loop(connection, sql, values):
+        failing_on_sessions(sql)
+        return real_on_loop(connection, sql, values)
+
     async def postgres(raw, sql, values):
         failing_on_sessions(sql)
         return await real_postgres(raw, sql, values)
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch:  # SQLite runs statements on the loop or on a thread
         patch.setattr(storage.Store, "_sqlite", sqlite)
+        patch.setattr(storage.Store, "_on_loop", staticmethod(on_loop))
         patch.setattr(storage.Store, "_postgres", staticmethod(postgres))
         assert_problem(client.post(LOGOUT, headers=bearer(tokens["access_token"])), 500)
     assert client.get(ME, headers=bearer(tokens["access_token"])).status_code == 200
