@@ -4370,6 +4370,38 @@ def test_a_write_while_another_process_briefly_holds_sqlites_write_lock_waits_fo
                 == [("Waited",)]
 
 
+def test_a_transaction_while_another_process_briefly_holds_sqlites_write_lock_waits_for_it(tmp_path):
+    """Transactions run on the loop's connection too; one whose BEGIN finds the lock taken runs on
+    the writer's thread instead, waits there, and commits, the loop serving reads meanwhile."""
+    path = tmp_path / "briefly-locked-order.db"
+    app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{path}", rate_limit=0)
+    with TestClient(app) as client:
+        _, headers = signed_in_user(client)
+        book, _ = new_book(client, headers, price_cents=250, stock=3)
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.5, lambda: other.execute("ROLLBACK"))
+        release.start()
+        try:
+            started = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(place, client, headers, (book["id"], 2))
+                time.sleep(0.2)
+                assert client.get(f"{BOOKS}/{book['id']}").json() == book  # the loop is not stopped
+                assert not waiting.done()
+                response = waiting.result()
+            assert response.status_code == 201, response.text
+            assert response.json()["total_cents"] == 500
+            assert 0.4 <= time.monotonic() - started < 4.5  # it waited for the lock, not for the timeout
+        finally:
+            release.join()
+            other.close()
+        assert stock(client, book["id"]) == 1
+        assert place(client, headers, (book["id"], 1)).status_code == 201  # and the next one, on the loop
+        with contextlib.closing(sqlite3.connect(path)) as reader:  # committed: another connection sees both
+            assert reader.execute("SELECT stock FROM books WHERE id = ?", (book["id"],)).fetchall() == [(0,)]
+
+
 def test_a_write_cancelled_while_waiting_for_sqlites_write_lock_leaves_the_writer_usable(tmp_path):
     """A request cancelled (a shutdown's grace period running out, a parent app's timeout) while
     its BEGIN IMMEDIATE waits for another process's lock must not leave SQLite's one writer inside
