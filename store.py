@@ -14,11 +14,12 @@ lookup costs). So quire holds its connections:
   timeout), and two readers (WAL lets them read while a write is under way). Reads that use an
   index run on a plain `sqlite3` connection right on the event loop: a primary-key lookup takes
   ~9 µs there, against ~50 µs through aiosqlite's thread and back, so the hop would cost more
-  than the query. So do single-row writes, on a second plain connection that never waits for a
-  lock: while another process writes, the statement goes to the writer's thread to wait. The `q`
-  search goes to the threaded reader: its trigram index finds a pattern of three characters or
-  more, but one or two characters still scan the table (~1 ms per 10,000 books), which must not
-  stall the loop; transactions, which await between their statements, run in the writer's thread.
+  than the query. So do writes and transactions, on a second plain connection that never waits
+  for a lock: while another process writes, they go to the writer's thread to wait. A read no
+  index bounds (the `q` search: a broad pattern matches most of the catalogue, and one or two
+  characters scan it) starts on the loop too, with a budget of SQLite's work (about half a
+  millisecond); one that needs more is interrupted and run again on the threaded reader, where
+  it may take as long as it must without stalling the loop.
 - PostgreSQL: a pool; each query borrows a connection for as long as it runs.
 
 SQL is written once, with `:name` parameters: sqlite3 binds those itself, and for asyncpg they are
@@ -62,6 +63,10 @@ UNAVAILABLE = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.C
 # before the 2xx goes out, so it survives the process being killed; only a power cut may lose the
 # last commits (FULL would fsync each one, at some 0.5 ms a write).
 WRITER_PRAGMAS = ["foreign_keys = ON", "synchronous = NORMAL"]
+# How long a read no index bounds may hold the event loop, in thousands of SQLite's instructions:
+# 20 is about 0.5 ms here. A `q` with a handful of matches needs under 1 at 100,000 books; `the`,
+# matching every one of them, needs 400 (10 ms), and goes to the reader's thread.
+LOOP_READ_BUDGET = 20
 
 
 class Refused(Exception):
@@ -398,6 +403,27 @@ class Store:
             if self._loop_writer.in_transaction:  # never left holding the lock, whatever went wrong
                 self._loop_writer.execute("ROLLBACK")
 
+    def _read_on_loop_briefly(self, sql: str, values: dict) -> list[Row] | None:
+        """A read no index bounds, on the loop's reader for at most `LOOP_READ_BUDGET` thousands
+        of SQLite's instructions; None when it needed more. SQLite calls `spend` every 1,000 of
+        them, and a true answer interrupts the statement (a read: nothing to undo)."""
+        spent = 0
+
+        def spend() -> bool:
+            nonlocal spent
+            spent += 1
+            return spent > LOOP_READ_BUDGET
+
+        self._loop_reader.set_progress_handler(spend, 1000)
+        try:
+            return self._on_loop(self._loop_reader, sql, values)
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", 0) == sqlite3.SQLITE_INTERRUPT:
+                return None
+            raise
+        finally:
+            self._loop_reader.set_progress_handler(None, 0)
+
     @staticmethod
     async def _postgres(raw: asyncpg.Connection, sql: str, values: dict) -> list[Row]:
         query, names = numbered(sql)
@@ -429,7 +455,8 @@ class Store:
     async def query(self, sql: str, values: dict[str, Any] | None = None, *,
                     write: bool = False, scan: bool = False) -> list[Row]:
         """Run one statement and return its rows; `write=True` for anything that changes data,
-        `scan=True` for one whose cost no index bounds to a page (it runs in a thread, off the loop)."""
+        `scan=True` for one whose cost no index bounds to a page (a write runs in a thread, off the
+        loop; a read runs on the loop only while it stays within `LOOP_READ_BUDGET`)."""
         if not self._connected:
             await self.connect()
         values = values or {}
@@ -444,8 +471,11 @@ class Store:
                         if rows is not None:
                             return rows
                     return await self._sqlite(self._writer, sql, values)
-            if scan or self._loop_reader is None:
+            if self._loop_reader is None:
                 return await self._sqlite(self._reader, sql, values)
+            if scan:
+                rows = self._read_on_loop_briefly(sql, values)
+                return rows if rows is not None else await self._sqlite(self._reader, sql, values)
             return self._on_loop(self._loop_reader, sql, values)
 
     async def one(self, sql: str, values: dict[str, Any] | None = None, *, write: bool = False) -> Row | None:

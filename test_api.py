@@ -2553,6 +2553,52 @@ def test_a_search_of_three_characters_or_more_is_looked_up_in_the_trigram_index(
         assert "books_title_trigrams" in plan and "books_author_trigrams" in plan, plan
 
 
+def searches_on_the_readers_thread(monkeypatch: pytest.MonkeyPatch, store: storage.Store) -> list[str]:
+    """The SQL of every read that goes to aiosqlite's reader thread from now on."""
+    threaded, real_sqlite = [], storage.Store._sqlite
+
+    async def sqlite(self, connection, sql, values):
+        if connection is store._reader:
+            threaded.append(sql)
+        return await real_sqlite(self, connection, sql, values)
+
+    monkeypatch.setattr(storage.Store, "_sqlite", sqlite)
+    return threaded
+
+
+def test_a_search_within_the_loops_budget_is_answered_on_the_loop_and_a_costly_one_on_the_thread(
+        make_app, monkeypatch):
+    """A `q` search starts on the event loop's reader; past LOOP_READ_BUDGET thousands of SQLite's
+    instructions it is interrupted there and run again on the reader's thread, with the same
+    answer, and the loop's reader is left without the budget for the reads after it."""
+    with TestClient(make_app()) as client:
+        store = client.app.state.quire.store
+        if not store.is_sqlite:
+            pytest.skip("SQLite's two readers")
+        _, headers = signed_in_user(client)
+        titles = [f"Volume {n} of the Archive" for n in range(60)] + ["The Quokka Papers"]
+        for title in titles:
+            new_book(client, headers, title=title, isbn=None)
+        threaded = searches_on_the_readers_thread(monkeypatch, store)
+        found = client.get(BOOKS, params={"q": "quokka"})
+        assert found.status_code == 200
+        assert [book["title"] for book in found.json()["items"]] == ["The Quokka Papers"]
+        assert threaded == []  # a handful of matches: well within the budget
+        everything = client.get(BOOKS, params={"q": "archive", "limit": 100}).json()["items"]
+        assert len(everything) == 60 and threaded == []
+
+        monkeypatch.setattr(storage, "LOOP_READ_BUDGET", 0)  # the first 1,000 instructions use it up
+        costly = client.get(BOOKS, params={"q": "archive", "limit": 100})
+        assert costly.status_code == 200 and costly.json()["items"] == everything
+        assert len(threaded) == 1 and "books_fts MATCH" in threaded[0]
+        short = client.get(BOOKS, params={"q": "ol", "limit": 100})  # too short for the index: a scan
+        assert short.status_code == 200 and short.json()["items"] == everything
+        assert len(threaded) == 2 and "LIKE" in threaded[1]
+        # The budget went with the search: a read on the loop far past 1,000 instructions runs to its end.
+        count = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10000) SELECT count(*) AS c FROM n"
+        assert client.portal.call(store.query, count) == [{"c": 10000}] and len(threaded) == 2
+
+
 def test_books_of_a_database_from_before_the_trigram_index_are_found_through_it(make_app, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(storage, "MIGRATIONS", storage.MIGRATIONS[:4])
