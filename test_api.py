@@ -1531,6 +1531,37 @@ def test_each_request_writes_one_json_line_to_stderr_without_secrets(database_ur
         assert secret not in result.stderr
 
 
+def test_log_lines_of_one_turn_of_the_loop_go_out_in_one_write_in_their_order():
+    """quire's own handler writes the lines a turn of the event loop made at the start of the next
+    turn, in one write; without a loop, at once; a record logged the usual way goes behind them."""
+    writes: list[str] = []
+
+    class Stream:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    handler = web.JSONLines()
+    handler.setStream(Stream())
+
+    async def one_turn() -> None:
+        for n in range(3):
+            handler.write_line(f'{{"n":{n}}}')
+        handler.emit(logging.makeLogRecord({"msg": '{"n":3}'}))
+        assert writes == []  # not yet: the turn is not over
+        await asyncio.sleep(0)  # the next turn
+        assert writes == ['{"n":0}\n{"n":1}\n{"n":2}\n{"n":3}\n']
+        handler.write_line('{"n":4}')  # a new turn, a new write
+        await asyncio.sleep(0)
+        assert writes[1:] == ['{"n":4}\n']
+
+    asyncio.run(one_turn())
+    handler.write_line('{"n":5}')
+    assert writes[2:] == ['{"n":5}\n']  # no loop running here: written at once
+
+
 def test_log_times_are_utc_to_the_millisecond_across_seconds(monkeypatch):
     """The clock formats the part up to the second once a second: each line still gets its own time."""
     clock = web.UTCClock()
