@@ -4416,32 +4416,42 @@ def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_a_503_and_reads_go_on
         assert client.post(BOOKS, json=book_fields(title="Blocked"), headers=headers).status_code == 201
 
 
+def sent_while_another_process_briefly_holds_the_write_lock(path: Path, client: TestClient, book: dict,
+                                                            send: Callable[[], Any]) -> Any:
+    """`send()`'s response, sent while another process (a plain sqlite3 connection) holds SQLite's
+    write lock for 0.5 s: it waits for the lock, not for the 5 s busy timeout, and the loop serves
+    reads meanwhile."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.5, lambda: other.execute("ROLLBACK"))
+    release.start()
+    try:
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(send)
+            time.sleep(0.2)
+            assert client.get(f"{BOOKS}/{book['id']}").json() == book  # the loop is not stopped
+            assert not waiting.done()
+            response = waiting.result()
+        assert 0.4 <= time.monotonic() - started < 4.5  # it waited for the lock, not for the timeout
+        return response
+    finally:
+        release.join()
+        other.close()
+
+
 def test_a_write_while_another_process_briefly_holds_sqlites_write_lock_waits_for_it(tmp_path):
     """Single writes run on the event loop's own connection, which never waits for a lock with the
     loop stopped: while another process writes, the statement goes to the writer's thread and
-    waits there (the busy timeout), and the loop serves reads meanwhile."""
+    waits there (the busy timeout)."""
     path = tmp_path / "briefly-locked.db"
     app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{path}", rate_limit=0)
     with TestClient(app) as client:
         _, headers = signed_in_user(client)
         book, _ = new_book(client, headers)
-        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")
-        release = threading.Timer(0.5, lambda: other.execute("ROLLBACK"))
-        release.start()
-        try:
-            started = time.monotonic()
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(client.post, BOOKS, json=book_fields(title="Waited"), headers=headers)
-                time.sleep(0.2)
-                assert client.get(f"{BOOKS}/{book['id']}").json() == book  # the loop is not stopped
-                assert not waiting.done()
-                response = waiting.result()
-            assert response.status_code == 201, response.text
-            assert 0.4 <= time.monotonic() - started < 4.5  # it waited for the lock, not for the timeout
-        finally:
-            release.join()
-            other.close()
+        response = sent_while_another_process_briefly_holds_the_write_lock(
+            path, client, book, lambda: client.post(BOOKS, json=book_fields(title="Waited"), headers=headers))
+        assert response.status_code == 201, response.text
         with contextlib.closing(sqlite3.connect(path)) as reader:
             assert reader.execute("SELECT title FROM books WHERE id = ?", (response.json()["id"],)).fetchall() \
                 == [("Waited",)]
@@ -4449,30 +4459,16 @@ def test_a_write_while_another_process_briefly_holds_sqlites_write_lock_waits_fo
 
 def test_a_transaction_while_another_process_briefly_holds_sqlites_write_lock_waits_for_it(tmp_path):
     """Transactions run on the loop's connection too; one whose BEGIN finds the lock taken runs on
-    the writer's thread instead, waits there, and commits, the loop serving reads meanwhile."""
+    the writer's thread instead, waits there, and commits."""
     path = tmp_path / "briefly-locked-order.db"
     app = api.create_app(config=api.Config(environ={}), database_url=f"sqlite:///{path}", rate_limit=0)
     with TestClient(app) as client:
         _, headers = signed_in_user(client)
         book, _ = new_book(client, headers, price_cents=250, stock=3)
-        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")
-        release = threading.Timer(0.5, lambda: other.execute("ROLLBACK"))
-        release.start()
-        try:
-            started = time.monotonic()
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(place, client, headers, (book["id"], 2))
-                time.sleep(0.2)
-                assert client.get(f"{BOOKS}/{book['id']}").json() == book  # the loop is not stopped
-                assert not waiting.done()
-                response = waiting.result()
-            assert response.status_code == 201, response.text
-            assert response.json()["total_cents"] == 500
-            assert 0.4 <= time.monotonic() - started < 4.5  # it waited for the lock, not for the timeout
-        finally:
-            release.join()
-            other.close()
+        response = sent_while_another_process_briefly_holds_the_write_lock(
+            path, client, book, lambda: place(client, headers, (book["id"], 2)))
+        assert response.status_code == 201, response.text
+        assert response.json()["total_cents"] == 500
         assert stock(client, book["id"]) == 1
         assert place(client, headers, (book["id"], 1)).status_code == 201  # and the next one, on the loop
         with contextlib.closing(sqlite3.connect(path)) as reader:  # committed: another connection sees both
