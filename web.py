@@ -477,9 +477,9 @@ class JSONLines(logging.StreamHandler):
         LogRecord (thread, process, time fields the line does not show) costs more than the write.
 
         On the event loop, the lines of the requests one turn of the loop finishes go out in one
-        write, at the start of the next turn (as nginx's `access_log ... buffer=`, flushed at
-        once): a line is at most one turn late, and a busy server makes one system call for
-        several requests instead of one each."""
+        write at the start of the next turn (nginx's `access_log ... buffer=` flushes by size or
+        time; this, every turn): a line is at most one turn late, and a busy server makes one
+        system call for several requests instead of one each."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
