@@ -69,6 +69,11 @@ WRITER_PRAGMAS = ["foreign_keys = ON", "synchronous = NORMAL"]
 LOOP_READ_BUDGET = 20
 
 
+def sqlite_error(error: sqlite3.Error) -> int:
+    """The primary result code of a sqlite3 error (SQLITE_BUSY for SQLITE_BUSY_RECOVERY too)."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF
+
+
 class Refused(Exception):
     """An order line cannot be served: `reason` is "out-of-stock" (with the copies `left`) or
     "not-for-sale" (the book is gone or has no price); `line` is its index in the order as sent."""
@@ -355,7 +360,7 @@ class Store:
                 await raw.execute("PRAGMA journal_mode = WAL")
                 return
             except sqlite3.OperationalError as error:
-                if attempt == 49 or getattr(error, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                if attempt == 49 or sqlite_error(error) != sqlite3.SQLITE_BUSY:
                     raise
                 await asyncio.sleep(0.1)
 
@@ -396,7 +401,7 @@ class Store:
         try:
             return self._on_loop(self._loop_writer, sql, values)
         except sqlite3.OperationalError as error:
-            if getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+            if sqlite_error(error) == sqlite3.SQLITE_BUSY:
                 return None  # nothing was written: the statement could not start
             raise
         finally:
@@ -418,7 +423,7 @@ class Store:
         try:
             return self._on_loop(self._loop_reader, sql, values)
         except sqlite3.OperationalError as error:
-            if getattr(error, "sqlite_errorcode", 0) == sqlite3.SQLITE_INTERRUPT:
+            if sqlite_error(error) == sqlite3.SQLITE_INTERRUPT:
                 return None
             raise
         finally:
@@ -442,8 +447,7 @@ class Store:
                 raise Conflict(str(error).rsplit(".", 1)[-1]) from error
             raise
         except sqlite3.OperationalError as error:
-            # The primary code: extended ones (SQLITE_BUSY_RECOVERY, ...) mean the same here.
-            if getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if sqlite_error(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise Unavailable("the database stayed locked past the busy timeout") from error
             raise
         except asyncpg.UniqueViolationError as error:
@@ -533,7 +537,7 @@ class Store:
         try:
             self._loop_writer.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
-            if getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+            if sqlite_error(error) == sqlite3.SQLITE_BUSY:
                 return False
             raise
         return True
