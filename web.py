@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import msgspec
 import prometheus_client
@@ -214,10 +214,12 @@ def app_path(request: Request, path: str) -> str:
 
 
 def url_path(path: str) -> str:
-    """A path from the scope, escaped as Starlette escapes `request.url.path` (without building
-    the whole URL): a path, or a parametrised mount's prefix, comes from the client, and a bare
-    `?`, `#` or backslash in it would make a URL point somewhere else."""
-    return path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    """A path from the scope, percent-encoded again for a URL the API writes (Location, Link,
+    `next`, a problem's `type`). The scope holds it decoded, and a path, or a parametrised mount's
+    prefix, comes from the client: a bare `?`, `#` or backslash would make the URL point somewhere
+    else, a space or `%` make it no URL at all, and a CR, LF or character past Latin-1 could not
+    even go into a header. Everything but what RFC 3986 allows in a path stays encoded."""
+    return quote(path, safe="/!$&'()*+,;=:@-._~")
 
 
 def prefixed(scope: Scope, path: str) -> str:
