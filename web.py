@@ -753,8 +753,12 @@ class GuardMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_body:
             return await problem_response(scope, 413, too_large)(scope, receive, send)
+        # A GET or HEAD has no body for a handler to read (RFC 9110 §9.3.1). What is read of one is
+        # only listened to for a disconnect (a streamed file does) and thrown away: refused, it
+        # would cut the file short. A declared Content-Length over the limit is still a 413 above.
+        bounded = receive if scope["method"] in ("GET", "HEAD") else receive_limited
         try:
-            await self.app(scope, receive_limited, send_tracked)
+            await self.app(scope, bounded, send_tracked)
         except ClientDisconnect:
             raise  # not a fault: RequestMiddleware logs it as the client's leaving
         except Exception:
