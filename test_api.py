@@ -1596,6 +1596,40 @@ def test_log_lines_of_one_turn_of_the_loop_go_out_in_one_write_in_their_order():
     assert writes[2:] == ['{"n":5}\n']  # no loop running here: written at once
 
 
+def test_a_log_write_that_fails_is_reported_as_logging_reports_one_and_raises_into_nobody(capsys):
+    """A full disk or a closed pipe must not fail the request that logged, nor lose the handler:
+    the failure goes to stderr the way `logging` reports a handler's error, and later lines go out."""
+    writes: list[str] = []
+
+    class Stream:
+        broken = True
+
+        def write(self, text: str) -> None:
+            if self.broken:
+                raise BrokenPipeError(32, "Broken pipe")
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    handler = web.JSONLines()
+    handler.setStream(stream)
+    handler.write_line('{"n":0}')  # no loop: written at once, and fails
+
+    async def on_a_loop() -> None:
+        handler.write_line('{"n":1}')
+        await asyncio.sleep(0)  # the failing write, in a callback of the loop's
+        stream.broken = False
+        handler.write_line('{"n":2}')
+        await asyncio.sleep(0)
+
+    asyncio.run(on_a_loop())
+    assert writes == ['{"n":2}\n']
+    assert capsys.readouterr().err.count("--- Logging error ---") == 2
+    assert handler.pending == []
+
+
 def test_log_times_are_utc_to_the_millisecond_across_seconds(monkeypatch):
     """The clock formats the part up to the second once a second: each line still gets its own time."""
     clock = web.UTCClock()

@@ -499,9 +499,13 @@ class JSONLines(logging.StreamHandler):
     def write_pending(self) -> None:
         with self.lock:
             lines, self.pending, self.flush_on = self.pending, [], None
-            if lines:
+            if not lines:
+                return
+            try:
                 self.stream.write(self.terminator.join(lines) + self.terminator)
                 self.stream.flush()
+            except Exception:  # a full disk, a closed pipe: reported as `emit` would, never raised into a request
+                self.handleError(logging.makeLogRecord({"msg": f"{len(lines)} log line(s) not written"}))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
