@@ -2504,6 +2504,11 @@ def test_limit_may_be_anything_from_1_to_100(client, limit):
     ("limit=0", "limit", "Expected `int` >= 1"),
     ("limit=101", "limit", "Expected `int` <= 100"),
     ("limit=x", "limit", "Expected `int`, got `str`"),
+    ("limit=5.0", "limit", "Expected `int`, got `str`"),  # msgspec alone reads these three as integers
+    ("limit=1e1", "limit", "Expected `int`, got `str`"),
+    ("limit=99.99999999999999999", "limit", "Expected `int`, got `str`"),
+    ("limit=05", "limit", "Expected `int`, got `str`"),
+    ("=1", "", "Object contains unknown field ``"),
     ("limit=1&limit=2", "limit", "Give this parameter once."),
     ("sort=year", "sort", "Invalid enum value 'year'"),
     ("page=2", "page", "Object contains unknown field `page`"),

@@ -278,12 +278,19 @@ def parse_query(request: Request, type_: type[T]) -> T:
             raise invalid_parameter(name, "Expected a value without NUL characters.")
         seen.add(name)
     try:
-        return msgspec.convert(dict(items), type_, strict=False)
+        query = msgspec.convert(dict(items), type_, strict=False)
     except msgspec.ValidationError as error:
         message = str(error)
-        name = re.search(r"`\$\.(\w+)`|field `(.+)`", message)
+        name = re.search(r"`\$\.(\w+)`|field `(.*)`", message)
         name = (name.group(1) or name.group(2)) if name else "query"
         raise invalid_parameter(name, re.sub(r" - at `.*`$", "", message)) from None
+    # msgspec's lax mode also reads `5.0` and `1e1` as integers, while it refuses `05` and `+5`:
+    # an integer in a query is written in digits, nothing else.
+    for name, value in items:
+        number = getattr(query, name)
+        if type(number) is int and value != str(number):
+            raise invalid_parameter(name, "Expected `int`, got `str`")
+    return query
 
 
 class NoQuery(Struct, forbid_unknown_fields=True):
