@@ -945,14 +945,18 @@ class Store:
         await run("DELETE FROM idempotency_keys WHERE user_id = :user_id AND key_hash = :key_hash "
                   "AND expires_at <= :now", {"user_id": user_id, "key_hash": key_hash, "now": now})
         values = {"user_id": user_id, "key_hash": key_hash}
-        if await run("INSERT INTO idempotency_keys (user_id, key_hash, fingerprint, expires_at) "
-                     "VALUES (:user_id, :key_hash, :fingerprint, :expires_at) "
-                     "ON CONFLICT (user_id, key_hash) DO NOTHING RETURNING user_id",
-                     {**values, "fingerprint": fingerprint, "expires_at": now + ttl}):
-            return None
-        rows = await run("SELECT fingerprint, status, body, location, etag FROM idempotency_keys "
-                         "WHERE user_id = :user_id AND key_hash = :key_hash", values)
-        return rows[0]
+        while True:
+            if await run("INSERT INTO idempotency_keys (user_id, key_hash, fingerprint, expires_at) "
+                         "VALUES (:user_id, :key_hash, :fingerprint, :expires_at) "
+                         "ON CONFLICT (user_id, key_hash) DO NOTHING RETURNING user_id",
+                         {**values, "fingerprint": fingerprint, "expires_at": now + ttl}):
+                return None
+            rows = await run("SELECT fingerprint, status, body, location, etag FROM idempotency_keys "
+                             "WHERE user_id = :user_id AND key_hash = :key_hash", values)
+            if rows:
+                return rows[0]
+            # Gone between the two (PostgreSQL): it expired meanwhile and another request's purge
+            # deleted it. The key is free now: claim it again.
 
     async def record_response(self, run: Run, *, user_id: int, key_hash: str, status: int, body: str,
                               location: str | None, etag: str | None) -> None:

@@ -3405,6 +3405,35 @@ def test_keys_are_forgotten_after_the_idempotency_ttl(make_app):
         assert rows[0]["n"] == 1  # the expired record was replaced, not kept beside the new one
 
 
+def test_a_retry_whose_key_is_purged_while_it_is_claimed_is_a_new_request_not_a_500(client, monkeypatch):
+    """On PostgreSQL a retry's INSERT ... DO NOTHING can meet its key in the key's last second, and
+    another request's purge delete it (committed) before the retry reads the record back. The key
+    is free then: the retry claims it as a new request instead of failing on a row that is gone.
+    (The purge is played here inside the retry's own transaction, which SQLite's lock also allows.)"""
+    _, headers = signed_in_user(client)
+    keyed, body = {**headers, "Idempotency-Key": "last-second"}, book_fields()
+    first = client.post(BOOKS, json=body, headers=keyed)
+    assert first.status_code == 201
+    claim = storage.Store.claim_key
+
+    async def claim_with_a_purge_between(self, run, **claimed):
+        async def run_then_purge(sql: str, values: dict) -> list:
+            rows = await run(sql, values)
+            if sql.startswith("INSERT INTO idempotency_keys") and not rows:  # met the key: now it goes
+                await run("DELETE FROM idempotency_keys WHERE user_id = :user_id AND key_hash = :key_hash",
+                          {"user_id": values["user_id"], "key_hash": values["key_hash"]})
+            return rows
+        return await claim(self, run_then_purge, **claimed)
+
+    monkeypatch.setattr(storage.Store, "claim_key", claim_with_a_purge_between)
+    retry = client.post(BOOKS, json=body, headers=keyed)
+    assert retry.status_code == 201, retry.text
+    assert "idempotent-replayed" not in retry.headers and retry.json()["id"] != first.json()["id"]
+    monkeypatch.undo()
+    again = client.post(BOOKS, json=body, headers=keyed)  # the new claim holds the key now
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == retry.json()
+
+
 def test_expired_keys_are_purged_now_and_then_not_on_every_request(make_app):
     with TestClient(make_app(idempotency_ttl=1)) as client:
         _, headers = signed_in_user(client)
