@@ -14,6 +14,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 import uuid
@@ -77,6 +78,8 @@ async def verify_password(stored: str | None, password: str) -> bool:
 MAX_TOKEN_BYTES = 8192
 LEEWAY_SECONDS = 30  # clocks of several hosts disagree a little; never more than this
 _HEADER = {"alg": "HS256", "typ": "JWT"}
+SUBJECT = re.compile(r"[1-9][0-9]{0,18}")  # a user id, as make_token writes it
+TOKEN_ID = re.compile(r"[\x21-\x7e]{1,128}")  # what the store can keep of a logged-out token
 
 
 class InvalidToken(Exception):
@@ -146,8 +149,8 @@ def read_token(token: str, key: bytes, *, now: float | None = None) -> dict[str,
 
     Refused: over 8 KB, not three base64url parts, a header other than HS256 (`none` included) or
     with `crit`, a bad signature, duplicate JSON keys, a missing or non-numeric `exp`, expiry
-    beyond the leeway, an `nbf` not yet reached (or not a number), and `sub` or `jti` that are
-    not strings.
+    beyond the leeway, an `nbf` not yet reached (or not a number), a `sub` that is not a user id in
+    digits, and a `jti` that is not 1–128 visible ASCII characters.
     """
     try:
         return _read_token(token, key, time.time() if now is None else now)
@@ -178,7 +181,8 @@ def _read_token(token: str, key: bytes, now: float) -> dict[str, Any]:
     nbf = claims.get("nbf", now)  # quire issues none; a token that has one is held to it (RFC 7519 §4.1.5)
     if isinstance(nbf, bool) or not isinstance(nbf, int | float) or now < nbf - LEEWAY_SECONDS:
         raise InvalidToken("the token is not valid yet")
-    if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("jti"), str):
+    sub, jti = claims.get("sub"), claims.get("jti")
+    if not (isinstance(sub, str) and SUBJECT.fullmatch(sub) and isinstance(jti, str) and TOKEN_ID.fullmatch(jti)):
         raise InvalidToken("the token lacks a subject or an id")
     for name in ("sid", "gen"):
         value = claims.get(name, 0)

@@ -1009,6 +1009,11 @@ HOSTILE_TOKENS: list[tuple[str, Callable[[bytes, int, str], str]]] = [
     ("sub-missing", lambda key, uid, good: forge(key, claims(uid, sub=...))),
     ("sub-number", lambda key, uid, good: forge(key, claims(uid, sub=uid))),
     ("jti-missing", lambda key, uid, good: forge(key, claims(uid, jti=...))),
+    # Signed with the key, so only from someone who has it: still a 401, never a 500 or Python's words.
+    ("jti-lone-surrogate", lambda key, uid, good: forge(
+        key, f'{{"sub":"{uid}","exp":{int(time.time()) + 600},"jti":"\\ud800"}}')),
+    ("jti-empty", lambda key, uid, good: forge(key, claims(uid, jti=""))),
+    ("sub-of-5000-digits", lambda key, uid, good: forge(key, claims(uid, sub="1" * 5000))),
     ("payload-not-an-object", lambda key, uid, good: forge(key, "[1, 2]")),
     ("header-not-an-object", lambda key, uid, good: forge(key, claims(uid), '"HS256"')),
     ("header-deeply-nested", lambda key, uid, good: forge(key, claims(uid), "[" * 3000 + "]" * 3000)),
