@@ -463,15 +463,19 @@ async def check_password(request: Request, email: str, password: str, wrong: HTT
     not, so the answer does not tell which emails exist)."""
     app = quire(request)
     login = await app.store.attempt_sign_in(email, window=SIGN_IN_WINDOW)  # counted before the check
-    if login["failures"] > app.settings.login_failures:  # this attempt included
+    if login["attempts"] > app.settings.login_failures:  # this attempt included
         await app.store.forget_attempt(login["attempt"])
+        if login["failures"] < app.settings.login_failures:  # the others are still being checked
+            raise HTTPProblem(429, "Too many sign-ins for this email are being checked at once; try again "
+                                   "in a second.", headers={"Retry-After": "1"})
         wait = max(1, math.ceil(login["oldest"] + SIGN_IN_WINDOW - time.time()))
         raise HTTPProblem(429, f"Too many failed sign-ins for this email; try again in {wait} seconds.",
                           kind=TOO_MANY_FAILED, headers={"Retry-After": str(wait)})
     if not await auth.verify_password(login["password_hash"] if login["id"] else None, password):
         app.counters.sign_in_failures.inc()
-        raise wrong  # the attempt stays counted: it failed
-    await app.store.clear_failures(email)  # this attempt, and any failures before it
+        await app.store.attempt_failed(login["attempt"])
+        raise wrong
+    await app.store.clear_failures(email, login["attempt"])
     return login
 
 

@@ -232,6 +232,10 @@ MIGRATIONS = [
         "CREATE EXTENSION IF NOT EXISTS pg_trgm",
         "CREATE INDEX books_title_trigrams ON books USING gin (title_fold gin_trgm_ops) WITH (fastupdate = off)",
         "CREATE INDEX books_author_trigrams ON books USING gin (author_fold gin_trgm_ops) WITH (fastupdate = off)"]},
+    # 6: an attempt is counted before its password is checked; `checked` tells the failures from the
+    # attempts still being checked, so that sign-ins sent at once are not told that they failed.
+    # The rows already there were failures.
+    "ALTER TABLE sign_in_failures ADD COLUMN checked BOOLEAN NOT NULL DEFAULT TRUE",
 ]
 
 
@@ -616,15 +620,19 @@ class Store:
         return await self.one(f"SELECT {self.USER} FROM users WHERE id = :id", {"id": user_id})
 
     async def get_login(self, email: str, *, failures_since: float = 0.0) -> Row:
-        """For signing in, in one statement: `failures` (how many sign-ins for this email failed
-        after `failures_since`) and `oldest` (the first of them), and the user with this email,
-        its password hash and token generation (`id` None when no user has it)."""
+        """For signing in, in one statement: `attempts` (the sign-ins for this email after
+        `failures_since` that failed or are still being checked), `failures` (those that failed)
+        and `oldest` (the first failure), and the user with this email, its password hash and
+        token generation (`id` None when no user has it). An attempt still unchecked after a minute
+        was cut off mid-check (its client left): it counts as failed."""
         columns = ", ".join(f"u.{column}" for column in self.USER.split(", "))
+        failed = "checked OR failed_at <= :cut_off"
         return await self.one(
-            f"SELECT f.failures, f.oldest, {columns}, u.password_hash, u.token_generation FROM "
-            f"(SELECT count(*) AS failures, min(failed_at) AS oldest FROM sign_in_failures "
+            f"SELECT f.attempts, f.failures, f.oldest, {columns}, u.password_hash, u.token_generation FROM "
+            f"(SELECT count(*) AS attempts, count(CASE WHEN {failed} THEN 1 END) AS failures, "
+            f"min(CASE WHEN {failed} THEN failed_at END) AS oldest FROM sign_in_failures "
             f"WHERE email = :email AND failed_at > :since) AS f LEFT JOIN users AS u ON u.email = :email",
-            {"email": email, "since": failures_since})
+            {"email": email, "since": failures_since, "cut_off": time.time() - 60})
 
     async def attempt_sign_in(self, email: str, *, window: float) -> Row:
         """Count a sign-in for `email` as failed *before* its password is checked, then read
@@ -640,16 +648,22 @@ class Store:
             self._last_failure_purge = now
             await self.query("DELETE FROM sign_in_failures WHERE failed_at <= :before",
                              {"before": now - window}, write=True, scan=True)
-        attempt = await self.one("INSERT INTO sign_in_failures (email, failed_at) VALUES (:email, :now) RETURNING id",
-                                 {"email": email, "now": now}, write=True)
+        attempt = await self.one("INSERT INTO sign_in_failures (email, failed_at, checked) "
+                                 "VALUES (:email, :now, FALSE) RETURNING id", {"email": email, "now": now}, write=True)
         return {**await self.get_login(email, failures_since=now - window), "attempt": attempt["id"]}
 
     async def forget_attempt(self, attempt: int) -> None:
         """An attempt refused before its password was checked is not a failure."""
         await self.query("DELETE FROM sign_in_failures WHERE id = :id", {"id": attempt}, write=True)
 
-    async def clear_failures(self, email: str) -> None:
-        await self.query("DELETE FROM sign_in_failures WHERE email = :email", {"email": email}, write=True)
+    async def attempt_failed(self, attempt: int) -> None:
+        await self.query("UPDATE sign_in_failures SET checked = TRUE WHERE id = :id", {"id": attempt}, write=True)
+
+    async def clear_failures(self, email: str, attempt: int) -> None:
+        """After a success: the email's failures and this attempt go; other attempts still being
+        checked stay, each to be a failure or to clear in turn."""
+        await self.query("DELETE FROM sign_in_failures WHERE email = :email AND (checked OR id = :attempt)",
+                         {"email": email, "attempt": attempt}, write=True)
 
     async def get_token_user(self, user_id: int, jti: str, *, session_id: int | None,
                              generation: int) -> Row | None:

@@ -897,6 +897,21 @@ def test_thirty_wrong_passwords_sent_at_once_get_no_more_than_five_tries(client)
     assert_problem(client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}), 429)
 
 
+def test_right_passwords_sent_at_once_are_never_told_that_they_failed(client):
+    """Attempts are counted before their passwords are checked, so more than five at once find
+    the count full: those are 429s, but not "too many failed sign-ins" with a 15-minute wait, since
+    none failed; they may try again in a second. No attempt counts as a failure afterwards."""
+    user = register(client)
+    responses = at_once(12, lambda n: client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}))
+    for response in responses:
+        if response.status_code != 200:
+            body = assert_problem(response, 429, "being checked at once")
+            assert body["type"] != "/problems/too-many-failed-sign-ins" and response.headers["retry-after"] == "1"
+    for _ in range(4):  # the count is empty: four failures still leave a fifth try
+        assert_unauthorized(fail_sign_in(client, user["email"]))
+    assert_token_answer(client.post(TOKEN, json={"email": user["email"], "password": PASSWORD}))
+
+
 def test_a_success_clears_the_count(client):
     user = register(client)
     for _ in range(4):
