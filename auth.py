@@ -148,7 +148,7 @@ def read_token(token: str, key: bytes, *, now: float | None = None) -> dict[str,
     """The claims of a valid token; raises `InvalidToken` on anything else, whatever the input.
 
     Refused: over 8 KB, not three base64url parts, a header other than HS256 (`none` included) or
-    with `crit`, a bad signature, duplicate JSON keys, a missing or non-numeric `exp`, expiry
+    with `crit`, a bad signature, duplicate JSON keys, a missing, non-numeric or endless `exp`, expiry
     beyond the leeway, an `nbf` not yet reached (or not a number), a `sub` that is not a user id in
     digits, and a `jti` that is not 1–128 visible ASCII characters.
     """
@@ -174,7 +174,8 @@ def _read_token(token: str, key: bytes, now: float) -> dict[str, Any]:
         raise InvalidToken("the token's signature does not match")
     claims = _json_object(_b64decode(parts[1]))
     exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
+    # Beyond 2**53 seconds (and infinity, NaN) no clock reaches it, nor the store's 64-bit columns.
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not -2**53 < exp < 2**53:
         raise InvalidToken("the token has no numeric expiry")
     if now > exp + LEEWAY_SECONDS:
         raise TokenExpired("the token has expired")

@@ -1021,6 +1021,8 @@ HOSTILE_TOKENS: list[tuple[str, Callable[[bytes, int, str], str]]] = [
     ("exp-null", lambda key, uid, good: forge(key, claims(uid, exp=None))),
     ("exp-true", lambda key, uid, good: forge(key, claims(uid, exp=True))),
     ("exp-NaN", lambda key, uid, good: forge(key, f'{{"sub":"{uid}","exp":NaN,"jti":"j"}}')),
+    ("exp-infinite", lambda key, uid, good: forge(key, f'{{"sub":"{uid}","exp":1e400,"jti":"j"}}')),
+    ("exp-past-2-to-the-63", lambda key, uid, good: forge(key, claims(uid, exp=2**63))),  # logout was a 500
     ("sub-missing", lambda key, uid, good: forge(key, claims(uid, sub=...))),
     ("sub-number", lambda key, uid, good: forge(key, claims(uid, sub=uid))),
     ("jti-missing", lambda key, uid, good: forge(key, claims(uid, jti=...))),
