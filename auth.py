@@ -67,9 +67,14 @@ async def hash_password(password: str) -> str:
 
 async def verify_password(stored: str | None, password: str) -> bool:
     """Check `password` against `stored`, or against a dummy hash when there is no user. The dummy
-    is made in the hashing thread too: making it is a hash, and must not stall the event loop."""
-    matches = await asyncio.get_running_loop().run_in_executor(
-        _hashing, lambda: check_password_hash(stored or _dummy_hash(), password))
+    is made in the hashing thread too (making it is a hash, and must not stall the event loop),
+    at the first check of any kind: made at the first unknown email's, that one check would take
+    twice as long and tell, once per process, that the email is not registered."""
+    def check() -> bool:
+        dummy = _dummy_hash()
+        return check_password_hash(stored or dummy, password)
+
+    matches = await asyncio.get_running_loop().run_in_executor(_hashing, check)
     return matches and stored is not None
 
 

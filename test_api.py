@@ -505,6 +505,18 @@ def test_the_dummy_hash_for_unknown_emails_is_made_in_the_hashing_thread(client,
     assert len(threads) == 1 and threads[0].startswith("scrypt"), threads
 
 
+def test_the_dummy_hash_is_made_by_the_first_check_whoever_signs_in(client, monkeypatch):
+    """Made at the first unknown email's check, that one would cost two hashes and tell, once per
+    process, that the email is not registered: the first check of a known email makes it instead."""
+    user = register(client)
+    made = []
+    monkeypatch.setattr(auth, "_dummy_hash", functools.cache(lambda: made.append(1) or auth.make_password_hash("d")))
+    assert_unauthorized(client.post(TOKEN, json={"email": user["email"], "password": "not the password"}))
+    assert made == [1]
+    assert_unauthorized(client.post(TOKEN, json={"email": "nobody@example.com", "password": PASSWORD}))
+    assert made == [1]  # made once, before any unknown email asked for it
+
+
 def test_a_wrong_password_and_an_unknown_email_get_the_same_401(client):
     user = register(client)
     wrong_password = client.post(TOKEN, json={"email": user["email"], "password": "not the password"})
