@@ -3681,6 +3681,14 @@ def unreachable(*args, **kwargs):
     raise storage.Unavailable("the database is away, for the test")
 
 
+def test_the_readmes_table_of_problem_kinds_is_the_apis():
+    """A client branches on `type` from the README's table: it must list every kind, as served."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        rows = re.findall(r"^\| `([a-z-]+)` \| (\d{3}) \| ([^|]+?) \| ", readme.read(), re.M)
+    assert sorted((name, int(status), title) for name, status, title in rows) == \
+        sorted((kind.name, kind.status, kind.title) for kind in api.KINDS.values())
+
+
 @pytest.mark.parametrize("prefix", ["", "/shop"])
 def test_every_kind_of_problem_has_its_own_type_and_title_described_at_that_url(make_app, prefix):
     app = make_app(max_body=2000, rate_limit=1000, auth_rate_limit=7, login_failures=1)
