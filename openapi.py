@@ -48,6 +48,19 @@ def ref(type_: Any) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{type_.__name__}"}
 
 
+# The headers that come with an error status, whichever operation answers it.
+ERROR_HEADERS = {
+    304: {"ETag": {"description": "The current ETag, the one your copy has", "required": True,
+                   "schema": {"type": "string"}}},
+    401: {"WWW-Authenticate": {"description": '`Bearer realm="quire"`: send a bearer token', "required": True,
+                               "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait before trying again", "required": True,
+                          "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait before trying again", "required": True,
+                          "schema": {"type": "string"}}},
+}
+
+
 def describe_responses(operation: Operation) -> dict[str, Any]:
     status, type_ = operation.ok
     success: dict[str, Any] = {"description": HTTPStatus(status).phrase}
@@ -66,19 +79,24 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
                            "Idempotency-Key; nothing was written again", "schema": {"type": "string", "enum": ["true"]}}
     if operation.query is not None and "cursor" in operation.query.__struct_fields__:
         headers["Link"] = {"description": 'The next page, `<url>; rel="next"`', "schema": {"type": "string"}}
-    if operation.counted:  # present whenever rate limits are on
-        headers["RateLimit-Policy"] = {"description": 'The rate limits that apply, e.g. `"general";q=600;w=60`',
-                                       "schema": {"type": "string"}}
-        headers["RateLimit"] = {"description": 'Where you stand on the closest one, e.g. `"general";r=599;t=1`',
-                                "schema": {"type": "string"}}
-    if headers:
-        success["headers"] = headers
+    limits = {}
+    if operation.counted:  # present whenever rate limits are on, on errors too
+        limits["RateLimit-Policy"] = {"description": 'The rate limits that apply, e.g. `"general";q=600;w=60`',
+                                      "schema": {"type": "string"}}
+        limits["RateLimit"] = {"description": 'Where you stand on the closest one, e.g. `"general";r=599;t=1`',
+                               "schema": {"type": "string"}}
+    if headers or limits:
+        success["headers"] = {**headers, **limits}
     responses = {str(status): success}
     problem = {"application/problem+json": {"schema": ref(Problem)}}
-    # 400 on every operation: each refuses query parameters it does not take.
-    for error in sorted({*operation.errors, 400, 500, *((429, 503) if operation.counted else ())}):
-        responses[str(error)] = ({"description": "Not Modified: your copy is current"} if error == 304 else
-                                 {"description": HTTPStatus(error).phrase, "content": problem})
+    # 400 on every operation: each refuses query parameters it does not take; 413 too, for a
+    # declared Content-Length over the limit, refused before any route is chosen.
+    for error in sorted({*operation.errors, 400, 413, 500, *((429, 503) if operation.counted else ())}):
+        response = ({"description": "Not Modified: your copy is current"} if error == 304 else
+                    {"description": HTTPStatus(error).phrase, "content": problem})
+        if ERROR_HEADERS.get(error) or limits:
+            response["headers"] = {**ERROR_HEADERS.get(error, {}), **limits}
+        responses[str(error)] = response
     return responses
 
 
