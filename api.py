@@ -263,9 +263,10 @@ class TokenForm(Struct):
     example: ClassVar[dict] = {"grant_type": "password", "username": "ada@example.com", "password": "correct horse"}
 
     grant_type: Literal["password", "refresh_token"]
-    username: str | None = None
-    password: str | None = None
-    refresh_token: str | None = None
+    # The lengths are checked in oauth_grant (as `invalid_request`); here they are documented.
+    username: Annotated[str, Meta(extra_json_schema={"maxLength": 254})] | None = None
+    password: Annotated[str, Meta(extra_json_schema={"maxLength": 1024})] | None = None
+    refresh_token: Annotated[str, Meta(extra_json_schema={"maxLength": 1024})] | None = None
 
 
 class Token(Struct):
@@ -279,7 +280,10 @@ class PasswordChange(RequestBody):
     example: ClassVar[dict] = {"current_password": "correct horse", "new_password": "a longer, better horse"}
 
     current_password: Annotated[str, Meta(max_length=1024)]
-    new_password: Annotated[str, Meta(max_length=1024, description="8–128 characters")]
+    # Held to 8–128 characters after the current password is checked (a wrong one is 403 first),
+    # and never hashed before; the document gives the rule a client must follow.
+    new_password: Annotated[str, Meta(description="8–128 characters",
+                                      extra_json_schema={"minLength": 8, "maxLength": 128})]
 
 
 class Status(Struct):

@@ -117,8 +117,9 @@ def describe_parameters(operation: Operation) -> list[dict[str, Any]]:
     if operation.idempotent:
         parameters.append({
             "name": "Idempotency-Key", "in": "header", "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 257, "examples": ['"8e0397b4"']},
-            "description": "1–255 visible ASCII characters, optionally as a quoted structured-field string. "
+            "schema": {"type": "string", "minLength": 1, "maxLength": 512, "examples": ['"8e0397b4"']},
+            "description": "1–255 visible ASCII characters, optionally as a quoted structured-field string "
+                           "(up to 512 with its quotes and escapes). "
                            "Sent again with the same request, it answers the first answer again instead of "
                            "writing twice; with another request, 422. Kept for a day."})
     if operation.conditional:  # RFC 9110 §13.1: both preconditions, on reads and on writes
