@@ -635,8 +635,9 @@ class Store:
             {"email": email, "since": failures_since, "cut_off": time.time() - 60})
 
     async def attempt_sign_in(self, email: str, *, window: float) -> Row:
-        """Count a sign-in for `email` as failed *before* its password is checked, then read
-        `get_login`'s row (its `failures` include this attempt) and `attempt` (the id to forget).
+        """Count a sign-in for `email` *before* its password is checked (an attempt, not yet
+        `checked`), then read `get_login`'s row (its `attempts` include this one) and `attempt`
+        (the id to forget, mark failed or clear).
 
         Counted first, because checking a password takes a tenth of a second: attempts sent all at
         once would otherwise each read the count before any of them wrote a failure, and a
