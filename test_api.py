@@ -1788,6 +1788,18 @@ def test_a_secret_key_under_32_bytes_is_refused(database_url, secret_key):
     assert api.create_app(config=api.Config(environ={}), database_url=database_url, secret_key="x" * 32)
 
 
+@pytest.mark.parametrize("settings, named", [
+    ({"database_url": "mysql://root:hunter2@db/quire"}, "DATABASE_URL"),
+    ({"database_url": "quire.db"}, "DATABASE_URL"),
+    ({"cors_origins": "notanorigin"}, "QUIRE_CORS_ORIGINS"),
+    ({"cors_origins": "https://app.example.com/"}, "QUIRE_CORS_ORIGINS"),  # a browser's Origin has no path
+])
+def test_a_database_url_or_cors_origin_quire_cannot_use_stops_the_app_naming_it(settings, named):
+    with pytest.raises(ValueError, match=named) as refused:
+        api.create_app(config=api.Config(environ={}), **settings)
+    assert "hunter2" not in str(refused.value)  # a URL's password is never repeated
+
+
 # == The command line =============================================================================
 
 
