@@ -124,7 +124,12 @@ Price = Annotated[int, Meta(ge=0, le=10_000_000, description=(
     "In the minor unit of the shop's currency (cents), an integer: money is never a float. null: not for sale"))]
 Stock = Annotated[int, Meta(ge=0, le=1_000_000, description="Copies on hand")]
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
-Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")]
+# Neither part of an email holds an `@` or a space of any kind. `\s` is not the same set in Python
+# (which checks) and in ECMAScript (in which a client reads the document's pattern): with the rest
+# of each's spaces named too, the two agree.
+NOT_IN_EMAIL = r"@\s\x1c-\x1f\x85\ufeff"
+Email = Annotated[str, Meta(max_length=254,
+                            pattern=rf"^[^{NOT_IN_EMAIL}]+@[^{NOT_IN_EMAIL}.]+(\.[^{NOT_IN_EMAIL}.]+)+$")]
 
 
 class BookIn(RequestBody):

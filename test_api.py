@@ -383,6 +383,8 @@ BAD_REGISTRATIONS = [
     ({"email": "ada@lovelace@example.com"}, "#/email", EMAIL_PATTERN_DETAIL),
     ({"email": "@example.com"}, "#/email", EMAIL_PATTERN_DETAIL),
     ({"email": "ada@example"}, "#/email", EMAIL_PATTERN_DETAIL),
+    ({"email": "a\ufeffb@example.com"}, "#/email", EMAIL_PATTERN_DETAIL),  # a space to ECMAScript's `\s`
+    ({"email": "a\x1fb@example.com"}, "#/email", EMAIL_PATTERN_DETAIL),  # and to Python's
     ({"email": "ada lovelace@example.com"}, "#/email", EMAIL_PATTERN_DETAIL),
     ({"email": "ada@example.com "}, "#/email", EMAIL_PATTERN_DETAIL),
     ({"email": "\tada@example.com"}, "#/email", EMAIL_PATTERN_DETAIL),
