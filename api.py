@@ -264,6 +264,7 @@ class Credentials(RequestBody):
     """Sign in with `email` and `password`, or refresh with a `refresh_token`; not both."""
 
     example: ClassVar[dict] = {"email": "ada@example.com", "password": "correct horse"}
+    json_schema: ClassVar[dict] = {"oneOf": [{"required": ["email", "password"]}, {"required": ["refresh_token"]}]}
 
     email: Annotated[str, Meta(max_length=254)] | UnsetType = UNSET
     password: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET

@@ -190,6 +190,9 @@ class Docs:
         types = {Problem} | {t for op in self.operations for t in (op.ok[1], op.body, op.form) if isinstance(t, type)}
         _, schemas = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
                                                     ref_template="#/components/schemas/{name}")
+        # A rule across fields, which msgspec cannot write from the fields alone, is the Struct's own.
+        for type_ in types:
+            schemas[type_.__name__].update(getattr(type_, "json_schema", {}))
         # A problem's `type` is one of the kinds, each a path of this app (served at that path).
         schemas["Problem"]["properties"]["type"] = {
             "type": "string", "enum": [f"{root_path}/problems/{kind}" for kind in self.problem_kinds],

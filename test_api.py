@@ -5476,6 +5476,15 @@ def csp(header: str) -> dict[str, list[str]]:
 # == The document =================================================================================
 
 
+def test_the_document_says_a_sign_in_is_an_email_and_password_or_a_refresh_token_not_both(client):
+    schema = {"$ref": "#/components/schemas/Credentials"}
+    for body in ({"email": "a@example.com", "password": "p"}, {"refresh_token": "r"}):
+        assert_valid("", schema, body, "a sign-in body")
+    for body in ({}, {"email": "a@example.com"}, {"email": "a@example.com", "password": "p", "refresh_token": "r"}):
+        assert list(schema_validator("", json.dumps(schema)).iter_errors(body)), body
+        assert client.post(TOKEN, json=body).status_code in (400, 401), body  # and the API refuses it too
+
+
 def test_the_document_is_valid_openapi_3_1(client):
     response = client.get("/openapi.json")
     assert response.status_code == 200
