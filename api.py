@@ -88,11 +88,11 @@ class Settings:
         if settings.secret_key is not None and len(settings.secret_key.encode()) < 32:
             raise ValueError("QUIRE_SECRET_KEY must be at least 32 bytes; make one with "
                              "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`.")
-        scheme = settings.database_url.partition("://")[0]
+        scheme, separator, _ = settings.database_url.partition("://")
         if scheme not in ("sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"):
-            # The scheme alone: the rest of the URL may hold a password.
-            raise ValueError(f"DATABASE_URL must be sqlite:///path.db or postgresql://user@host/db, "
-                             f"not a {scheme or 'schemeless'} URL.")
+            # The scheme alone, if any: the rest of the URL may hold a password.
+            given = f"a {scheme}:// URL" if separator else "a URL without a scheme"
+            raise ValueError(f"DATABASE_URL must be sqlite:///path.db or postgresql://user@host/db, not {given}.")
         for origin in settings.cors_origins:
             if origin != "*" and not re.fullmatch(r"https?://[^/?#\s]+", origin):
                 raise ValueError(f"QUIRE_CORS_ORIGINS lists origins, a scheme and a host (and port) without a "

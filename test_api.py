@@ -1793,6 +1793,7 @@ def test_a_secret_key_under_32_bytes_is_refused(database_url, secret_key):
 @pytest.mark.parametrize("settings, named", [
     ({"database_url": "mysql://root:hunter2@db/quire"}, "DATABASE_URL"),
     ({"database_url": "quire.db"}, "DATABASE_URL"),
+    ({"database_url": "root:hunter2@db/quire"}, "DATABASE_URL"),  # no scheme: none of it is repeated
     ({"cors_origins": "notanorigin"}, "QUIRE_CORS_ORIGINS"),
     ({"cors_origins": "https://app.example.com/"}, "QUIRE_CORS_ORIGINS"),  # a browser's Origin has no path
 ])
