@@ -551,8 +551,9 @@ def oauth_grant(body: bytes) -> tuple[str | None, str | None, str | None]:
     """The same from the OAuth 2.0 form; RFC 6749 §5.2 refusals otherwise. Unknown parameters
     (`scope`, `client_id`, ...) are ignored (§3.2); a repeated one is `invalid_request`."""
     try:
-        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body),
-                                       errors="strict")
+        # Read as WHATWG's urlencoded parser reads it (what browsers and URLSearchParams write): an
+        # empty pair (`a=b&`) is skipped, a name without `=` has an empty value.
+        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise refused_grant("invalid_request", "The form is not valid application/x-www-form-urlencoded.") from None
     form: dict[str, str] = {}

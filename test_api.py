@@ -680,6 +680,14 @@ def test_the_form_ignores_scope_client_fields_and_basic_client_authentication(cl
     assert_token_answer(response)
 
 
+def test_the_form_is_read_as_browsers_parse_one(client):
+    """WHATWG's application/x-www-form-urlencoded: empty pairs are skipped, a name alone has an empty value."""
+    user = register(client)
+    credentials = urlencode({"username": user["email"], "password": PASSWORD})
+    for form in (f"grant_type=password&{credentials}&", f"&&grant_type=password&{credentials}&scope"):
+        assert_token_answer(client.post(TOKEN, content=form.encode(), headers=FORM_HEADERS))
+
+
 @pytest.mark.parametrize("form, error, detail", [
     ("", "invalid_request", "needs a `grant_type`"),
     ("username=a%40example.com&password=x", "invalid_request", "needs a `grant_type`"),
