@@ -124,11 +124,14 @@ Price = Annotated[int, Meta(ge=0, le=10_000_000, description=(
     "In the minor unit of the shop's currency (cents), an integer: money is never a float. null: not for sale"))]
 Stock = Annotated[int, Meta(ge=0, le=1_000_000, description="Copies on hand")]
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+# The most of an email, and of a password or refresh token, that signing in reads (real ones are far
+# shorter); the same in the JSON body and the OAuth form.
+MAX_EMAIL, MAX_SECRET = 254, 1024
 # Neither part of an email holds an `@` or a space of any kind. `\s` is not the same set in Python
 # (which checks) and in ECMAScript (in which a client reads the document's pattern): with the rest
 # of each's spaces named too, the two agree.
 NOT_IN_EMAIL = r"@\s\x1c-\x1f\x85\ufeff"
-Email = Annotated[str, Meta(max_length=254,
+Email = Annotated[str, Meta(max_length=MAX_EMAIL,
                             pattern=rf"^[^{NOT_IN_EMAIL}]+@[^{NOT_IN_EMAIL}.]+(\.[^{NOT_IN_EMAIL}.]+)+$")]
 
 
@@ -266,9 +269,9 @@ class Credentials(RequestBody):
     example: ClassVar[dict] = {"email": "ada@example.com", "password": "correct horse"}
     json_schema: ClassVar[dict] = {"oneOf": [{"required": ["email", "password"]}, {"required": ["refresh_token"]}]}
 
-    email: Annotated[str, Meta(max_length=254)] | UnsetType = UNSET
-    password: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
-    refresh_token: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
+    email: Annotated[str, Meta(max_length=MAX_EMAIL)] | UnsetType = UNSET
+    password: Annotated[str, Meta(max_length=MAX_SECRET)] | UnsetType = UNSET
+    refresh_token: Annotated[str, Meta(max_length=MAX_SECRET)] | UnsetType = UNSET
 
 
 class TokenForm(Struct):
@@ -279,9 +282,9 @@ class TokenForm(Struct):
 
     grant_type: Literal["password", "refresh_token"]
     # The lengths are checked in oauth_grant (as `invalid_request`); here they are documented.
-    username: Annotated[str, Meta(extra_json_schema={"maxLength": 254})] | None = None
-    password: Annotated[str, Meta(extra_json_schema={"maxLength": 1024})] | None = None
-    refresh_token: Annotated[str, Meta(extra_json_schema={"maxLength": 1024})] | None = None
+    username: Annotated[str, Meta(extra_json_schema={"maxLength": MAX_EMAIL})] | None = None
+    password: Annotated[str, Meta(extra_json_schema={"maxLength": MAX_SECRET})] | None = None
+    refresh_token: Annotated[str, Meta(extra_json_schema={"maxLength": MAX_SECRET})] | None = None
 
 
 class Token(Struct):
@@ -294,7 +297,7 @@ class Token(Struct):
 class PasswordChange(RequestBody):
     example: ClassVar[dict] = {"current_password": "correct horse", "new_password": "a longer, better horse"}
 
-    current_password: Annotated[str, Meta(max_length=1024)]
+    current_password: Annotated[str, Meta(max_length=MAX_SECRET)]
     # Held to 8–128 characters after the current password is checked (a wrong one is 403 first),
     # and never hashed before; the document gives the rule a client must follow.
     new_password: Annotated[str, Meta(description="8–128 characters",
@@ -562,7 +565,7 @@ def oauth_grant(body: bytes) -> tuple[str | None, str | None, str | None]:
             raise refused_grant("invalid_request", f"The parameter `{name}` is repeated; send it once.")
         form[name] = value
     # The JSON body's limits hold here too; NUL is refused because PostgreSQL cannot store it.
-    for name, limit in (("username", 254), ("password", 1024), ("refresh_token", 1024)):
+    for name, limit in (("username", MAX_EMAIL), ("password", MAX_SECRET), ("refresh_token", MAX_SECRET)):
         if len(form.get(name, "")) > limit or "\x00" in form.get(name, ""):
             raise refused_grant("invalid_request", f"`{name}` is longer than {limit} characters or holds a NUL.")
     grant_type = form.get("grant_type")

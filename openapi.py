@@ -49,15 +49,15 @@ def ref(type_: Any) -> dict[str, str]:
 
 
 # The headers that come with an error status, whichever operation answers it.
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "required": True,
+                               "schema": {"type": "string"}}}
 ERROR_HEADERS = {
     304: {"ETag": {"description": "The current ETag, the one your copy has", "required": True,
                    "schema": {"type": "string"}}},
     401: {"WWW-Authenticate": {"description": '`Bearer realm="quire"`: send a bearer token', "required": True,
                                "schema": {"type": "string"}}},
-    429: {"Retry-After": {"description": "Seconds to wait before trying again", "required": True,
-                          "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "Seconds to wait before trying again", "required": True,
-                          "schema": {"type": "string"}}},
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
 }
 
 
@@ -94,8 +94,9 @@ def describe_responses(operation: Operation) -> dict[str, Any]:
     for error in sorted({*operation.errors, 400, 413, 500, *((429, 503) if operation.counted else ())}):
         response = ({"description": "Not Modified: your copy is current"} if error == 304 else
                     {"description": HTTPStatus(error).phrase, "content": problem})
-        if ERROR_HEADERS.get(error) or limits:
-            response["headers"] = {**ERROR_HEADERS.get(error, {}), **limits}
+        error_headers = {**ERROR_HEADERS.get(error, {}), **limits}
+        if error_headers:
+            response["headers"] = error_headers
         responses[str(error)] = response
     return responses
 
