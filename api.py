@@ -44,9 +44,9 @@ import commands
 import openapi
 import store as storage
 import web
-from web import (FORM, JSON, MERGE_PATCH, HTTPProblem, Kind, Operation, app_path, decode, encoder, etag_matches,
-                 idempotency_key, json_response, no_query, parse_query, path_id, problem_response, read_cursor,
-                 read_json)
+from web import (FORM, JSON, MERGE_PATCH, HTTPProblem, JSONResponse, Kind, Operation, app_path, decode, encoder,
+                 etag_matches, header, idempotency_key, no_query, parse_query, path_id, problem_response,
+                 read_cursor, read_json)
 
 # == Configuration ================================================================================
 
@@ -421,13 +421,15 @@ class Quire:
 
 
 def quire(request: Request) -> Quire:
-    return request.app.state.quire
+    # By item, not `.state.quire`: State answers attributes in `__getattr__`, which Python calls
+    # only after its own look-up has failed with an AttributeError (a third of a read's handler).
+    return request.app.state["quire"]
 
 
 async def signed_in(request: Request) -> storage.Row:
     """The caller, from `Authorization: Bearer`; 401 for no token or one that is bad, expired,
     revoked, or whose user is gone. The user's role is read now, so a promotion counts at once."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = (header(request, b"authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise unauthorized("Sign in: send `Authorization: Bearer <token>` from POST /api/v1/auth/token.")
     app = quire(request)
@@ -451,7 +453,7 @@ async def signed_in(request: Request) -> storage.Row:
 
 async def check_presented_token(request: Request) -> None:
     """Public operations need no token, but one that is sent is still checked (401 if bad)."""
-    if "authorization" in request.headers:
+    if header(request, b"authorization") is not None:
         await signed_in(request)
 
 
@@ -468,7 +470,7 @@ async def register(request: Request) -> Response:
     user = await quire(request).store.create_user(
         email=credentials.email.lower(), name=credentials.name, password_hash=password_hash)
     location = app_path(request, f"/api/v1/users/{user['id']}")
-    return json_response(msgspec.convert(user, User), 201, {"Location": location})
+    return JSONResponse(msgspec.convert(user, User), 201, {"Location": location})
 
 
 SIGN_IN_WINDOW = 15 * 60  # seconds in which QUIRE_LOGIN_FAILURES failures stop an email's sign-ins
@@ -506,7 +508,7 @@ async def tokens(request: Request, user: storage.Row, session_id: int, refresh_t
     app = quire(request)
     access_token, _ = auth.make_token(user["id"], await app.signing_key(), app.settings.token_ttl,
                                       session_id=session_id, generation=user["token_generation"])
-    return json_response(Token(access_token=access_token, expires_in=app.settings.token_ttl,
+    return JSONResponse(Token(access_token=access_token, expires_in=app.settings.token_ttl,
                                refresh_token=refresh_token))
 
 
@@ -615,7 +617,7 @@ async def me(request: Request) -> Response:
     """The signed-in user."""
     user = await signed_in(request)
     no_query(request)
-    return json_response(msgspec.convert(user, User))
+    return JSONResponse(msgspec.convert(user, User))
 
 
 async def get_user(request: Request) -> Response:
@@ -629,7 +631,7 @@ async def get_user(request: Request) -> Response:
     if user is None:
         raise HTTPProblem(404, f"There is no user with id {user_id}.")
     no_query(request)
-    return json_response(msgspec.convert(user, User))
+    return JSONResponse(msgspec.convert(user, User))
 
 
 async def list_users(request: Request) -> Response:
@@ -644,7 +646,7 @@ async def list_users(request: Request) -> Response:
     rows = await app.store.list_users(limit=query.limit + 1, descending=query.sort == "-id",
                                       after=after[0] if after else None)
     items, next_url, headers = web.page(request, key, query, rows, lambda user: [user["id"]])
-    return json_response(UserPage(items=msgspec.convert(items, list[User]), next=next_url), headers=headers)
+    return JSONResponse(UserPage(items=msgspec.convert(items, list[User]), next=next_url), headers=headers)
 
 
 # == Idempotent requests ==========================================================================
@@ -705,7 +707,7 @@ def etag(row: storage.Row) -> str:
 
 
 def book_response(book: storage.Row, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return json_response(msgspec.convert(book, Book), status, {"ETag": etag(book), **(headers or {})})
+    return JSONResponse(msgspec.convert(book, Book), status, {"ETag": etag(book), **(headers or {})})
 
 
 async def changeable_book(request: Request) -> storage.Row:
@@ -725,7 +727,7 @@ async def changeable_book(request: Request) -> storage.Row:
 def checked_if_match(request: Request, current: str, what: str) -> str | None:
     """The If-Match header, once checked (RFC 9110 §13.1.1): 412 when it names none of the
     resource's current ETags, on a read as on a write."""
-    if_match = request.headers.get("if-match")
+    if_match = header(request, b"if-match")
     if if_match is not None and not etag_matches(if_match, current, weak=False):
         raise HTTPProblem(412, f"The {what} has changed: its ETag is now {current}.")
     return if_match
@@ -733,7 +735,7 @@ def checked_if_match(request: Request, current: str, what: str) -> str | None:
 
 def if_none_match_names(request: Request, current: str) -> bool:
     """If-None-Match names the current ETag, or is `*` (RFC 9110 §13.1.2; compared weakly)."""
-    return etag_matches(request.headers.get("if-none-match", ""), current, weak=True)
+    return etag_matches(header(request, b"if-none-match") or "", current, weak=True)
 
 
 def expected_version(request: Request, row: storage.Row, what: str = "book") -> int | None:
@@ -767,7 +769,7 @@ async def list_books(request: Request) -> Response:
     rows = await app.store.list_books(limit=query.limit + 1, sort=query.sort, author=query.author,
                                       q=query.q, after=tuple(after) if after else None)
     items, next_url, headers = web.page(request, key, query, rows, lambda book: [book["title"], book["id"]])
-    return json_response(BookPage(items=msgspec.convert(items, list[Book]), next=next_url), headers=headers)
+    return JSONResponse(BookPage(items=msgspec.convert(items, list[Book]), next=next_url), headers=headers)
 
 
 async def create_book(request: Request) -> Response:
@@ -844,7 +846,7 @@ async def delete_book(request: Request) -> Response:
 
 
 def order_response(order: storage.Row, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return json_response(msgspec.convert(order, Order), status, {"ETag": etag(order), **(headers or {})})
+    return JSONResponse(msgspec.convert(order, Order), status, {"ETag": etag(order), **(headers or {})})
 
 
 def order_lines(order: OrderIn) -> list[tuple[int, int]]:
@@ -937,7 +939,7 @@ async def list_orders(request: Request) -> Response:
         limit=query.limit + 1, descending=query.sort == "-id", after=after[0] if after else None,
         buyer_id=query.buyer_id if auth.is_admin(user) else user["id"], status=query.status)
     items, next_url, headers = web.page(request, key, query, rows, lambda order: [order["id"]])
-    return json_response(OrderPage(items=msgspec.convert(items, list[Order]), next=next_url), headers=headers)
+    return JSONResponse(OrderPage(items=msgspec.convert(items, list[Order]), next=next_url), headers=headers)
 
 
 async def move_order(request: Request) -> Response:
@@ -973,7 +975,7 @@ async def describe_problem(request: Request) -> Response:
     if kind is None:
         raise HTTPProblem(404, f"There is no kind of problem called {request.path_params['kind']!r}.")
     no_query(request)
-    return json_response(ProblemKind(type=app_path(request, f"/problems/{kind.name}"), title=kind.title,
+    return JSONResponse(ProblemKind(type=app_path(request, f"/problems/{kind.name}"), title=kind.title,
                                      status=kind.status, description=kind.advice))
 
 
@@ -983,14 +985,14 @@ async def describe_problem(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """The process is up; the database is not consulted."""
     no_query(request)
-    return json_response(Status(status="ok"))
+    return JSONResponse(Status(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
     """The database answers a query (503 while it does not)."""
     no_query(request)
     await quire(request).store.ping()
-    return json_response(Status(status="ready"))
+    return JSONResponse(Status(status="ready"))
 
 
 async def metrics(request: Request) -> Response:

@@ -38,7 +38,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -89,6 +89,41 @@ class Conflict(Exception):
     def __init__(self, field: str) -> None:
         super().__init__(f"{field} is already taken")
         self.field = field
+
+
+def translated(error: BaseException) -> Exception | None:
+    """The store's own exception for a driver's, or None to let it through."""
+    if isinstance(error, sqlite3.IntegrityError):
+        if getattr(error, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE":
+            return Conflict(str(error).rsplit(".", 1)[-1])
+    elif isinstance(error, sqlite3.OperationalError):
+        if sqlite_error(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return Unavailable("the database stayed locked past the busy timeout")
+    elif isinstance(error, asyncpg.UniqueViolationError):
+        return Conflict(error.constraint_name.split("_")[1])
+    elif isinstance(error, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, *UNAVAILABLE)):
+        # The server went away; the pool replaces broken connections once it is back.
+        return Unavailable(f"lost the database: {type(error).__name__}")
+    return None
+
+
+class DriverErrors:
+    """`with DRIVER_ERRORS:` turns the drivers' exceptions into the store's own (`translated`).
+
+    A class, not a `@contextlib.contextmanager`: it is entered on every query, and a generator
+    costs several times more to start and finish. Plain, not async: an async one would cost a
+    coroutine per query, and it has nothing to await."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        own = translated(error) if error is not None else None
+        if own is not None:
+            raise own from error
+
+
+DRIVER_ERRORS = DriverErrors()
 
 
 def utc_now() -> str:
@@ -439,27 +474,6 @@ class Store:
         rows = await raw.fetch(query, *[values[name] for name in names])
         return [dict(row) for row in rows]
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _errors() -> Iterator[None]:
-        """Translate the drivers' exceptions into the store's own. (A plain context manager: an
-        async one would cost a coroutine per query, and it has nothing to await.)"""
-        try:
-            yield
-        except sqlite3.IntegrityError as error:
-            if getattr(error, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE":
-                raise Conflict(str(error).rsplit(".", 1)[-1]) from error
-            raise
-        except sqlite3.OperationalError as error:
-            if sqlite_error(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise Unavailable("the database stayed locked past the busy timeout") from error
-            raise
-        except asyncpg.UniqueViolationError as error:
-            raise Conflict(error.constraint_name.split("_")[1]) from error
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, *UNAVAILABLE) as error:
-            # The server went away; the pool replaces broken connections once it is back.
-            raise Unavailable(f"lost the database: {type(error).__name__}") from error
-
     async def query(self, sql: str, values: dict[str, Any] | None = None, *,
                     write: bool = False, scan: bool = False) -> list[Row]:
         """Run one statement and return its rows; `write=True` for anything that changes data,
@@ -468,7 +482,7 @@ class Store:
         if not self._connected:
             await self.connect()
         values = values or {}
-        with self._errors():
+        with DRIVER_ERRORS:
             if not self.is_sqlite:
                 async with self.database.connection() as connection:
                     return await self._postgres(connection.raw_connection, sql, values)
@@ -508,7 +522,7 @@ class Store:
 
         On SQLite it runs on the loop's writer, as single writes do, unless `on_loop` is False or
         another process holds the write lock: then on the writer's thread, which waits for it."""
-        with self._errors():
+        with DRIVER_ERRORS:
             if self.is_sqlite:
                 async with self._write_lock:
                     if on_loop and self._begin_on_loop():
@@ -754,8 +768,10 @@ class Store:
 
     BOOK = "id, title, author, year, pages, isbn, price_cents, stock, owner_id, version, created_at, updated_at"
 
+    GET_BOOK = f"SELECT {BOOK} FROM books WHERE id = :id"  # made once: the busiest statement of all
+
     async def get_book(self, book_id: int) -> Row | None:
-        return await self.one(f"SELECT {self.BOOK} FROM books WHERE id = :id", {"id": book_id})
+        return await self.one(self.GET_BOOK, {"id": book_id})
 
     async def create_book(self, *, owner_id: int, fields: dict[str, Any], run: Run | None = None) -> Row:
         """Raises `Conflict("isbn")` when the ISBN is taken. Runs in the caller's transaction when

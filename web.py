@@ -236,9 +236,21 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of the request header `name` (lower-case, as ASGI gives names), or None.
+
+    What `request.headers.get` answers, for a third of its cost: it makes a Headers object, and a
+    missing header (most are: If-Match, If-None-Match, Authorization on a public read) is a
+    KeyError raised and caught. A read of a book looks for three."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def media_type(request: Request) -> str:
     """The request body's media type, lower-case, without parameters."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return (header(request, b"content-type") or "").split(";")[0].strip().lower()
 
 
 async def read_json(request: Request, *media_types: str) -> bytes:
@@ -312,8 +324,21 @@ def path_id(request: Request) -> int:
     return value
 
 
-def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(encoder.encode(value), status, headers, JSON)
+class JSONResponse(Response):
+    """A JSON body, encoded by msgspec; extra `headers` as Starlette's Response takes them.
+
+    Its header list is written out here: Starlette's `init_headers` lower-cases and searches
+    every name to find out whether Content-Length and Content-Type are given, which they never are."""
+
+    media_type = JSON
+
+    def __init__(self, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.status_code, self.background = status, None
+        self.body = encoder.encode(value)
+        self.raw_headers = [(b"content-length", str(len(self.body)).encode()), (b"content-type", b"application/json")]
+        if headers:
+            self.raw_headers += [(name.lower().encode("latin-1"), text.encode("latin-1"))
+                                 for name, text in headers.items()]
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # 1–255 visible ASCII characters
@@ -540,7 +565,7 @@ class UTCClock:
             second = int(now)
             prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self.second = (second, prefix)
-        return f"{prefix}.{int((now - second) * 1000):03d}Z"
+        return "%s.%03dZ" % (prefix, (now - second) * 1000)  # %-formatting: half the cost of an f-string's format spec
 
 
 clock = UTCClock()
@@ -697,7 +722,7 @@ class RequestMiddleware:
                 request_id = value.decode("latin-1")
             elif name == b"traceparent":
                 traceparent = value if traceparent is None else b""  # two of them: neither counts
-        if not REQUEST_ID.fullmatch(request_id):
+        if not (request_id and REQUEST_ID.fullmatch(request_id)):
             request_id = f"{random.getrandbits(128):032x}"  # unique, not secret (as trace ids)
         trace_id, span_id, flags = trace_ids(traceparent)
         state = scope.setdefault("state", {})
@@ -729,7 +754,7 @@ class RequestMiddleware:
             method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.record(method, route_template(scope, outer_route, self.routes), status, seconds)
             log_json(request_id=request_id, trace_id=trace_id, span_id=span_id, method=scope["method"],
-                     path=scope["path"], status=status, duration_ms=round(seconds * 1000, 3))
+                     path=scope["path"], status=status, duration_ms=int(seconds * 1e6) / 1000)  # round() costs 5×
 
 
 class GuardMiddleware:
@@ -741,11 +766,11 @@ class GuardMiddleware:
 
     def __init__(self, app: ASGIApp, *, max_body: int) -> None:
         self.app, self.max_body = app, max_body
+        self.too_large = f"The body is larger than {max_body} bytes."
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = f"The body is larger than {self.max_body} bytes."
         received, started = 0, False
 
         async def receive_limited() -> Message:
@@ -753,7 +778,7 @@ class GuardMiddleware:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body:
-                raise HTTPProblem(413, too_large)
+                raise HTTPProblem(413, self.too_large)
             return message
 
         async def send_tracked(message: Message) -> None:
@@ -761,9 +786,9 @@ class GuardMiddleware:
             started = True
             await send(message)
 
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body:
-            return await problem_response(scope, 413, too_large)(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                return await problem_response(scope, 413, self.too_large)(scope, receive, send)
         # A GET or HEAD has no body for a handler to read (RFC 9110 §9.3.1). What is read of one is
         # only listened to for a disconnect (a streamed file does) and thrown away: refused, it
         # would cut the file short. A declared Content-Length over the limit is still a 413 above.
