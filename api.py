@@ -422,7 +422,7 @@ class Quire:
 
 def quire(request: Request) -> Quire:
     # By item, not `.state.quire`: State answers attributes in `__getattr__`, which Python calls
-    # only after its own look-up has failed with an AttributeError (a third of a read's handler).
+    # only after its own look-up has failed with an AttributeError (a quarter of a read's handler).
     return request.app.state["quire"]
 
 
@@ -509,7 +509,7 @@ async def tokens(request: Request, user: storage.Row, session_id: int, refresh_t
     access_token, _ = auth.make_token(user["id"], await app.signing_key(), app.settings.token_ttl,
                                       session_id=session_id, generation=user["token_generation"])
     return JSONResponse(Token(access_token=access_token, expires_in=app.settings.token_ttl,
-                               refresh_token=refresh_token))
+                              refresh_token=refresh_token))
 
 
 async def issue_token(request: Request) -> Response:
@@ -976,7 +976,7 @@ async def describe_problem(request: Request) -> Response:
         raise HTTPProblem(404, f"There is no kind of problem called {request.path_params['kind']!r}.")
     no_query(request)
     return JSONResponse(ProblemKind(type=app_path(request, f"/problems/{kind.name}"), title=kind.title,
-                                     status=kind.status, description=kind.advice))
+                                    status=kind.status, description=kind.advice))
 
 
 # == Probes ========================================================================================
